@@ -1,0 +1,332 @@
+"""The engine's one typed configuration: defaults < ``ENGINE_*`` environment < overrides.
+
+The `Config` Struct is the single source of truth: every check (type, range, power of
+two, allowed choices) is derived from its ``Annotated`` metadata, so the env parser, the
+CLI flags and the docs can never drift apart. Bad values are reported, never clamped.
+"""
+
+import difflib
+import operator
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, get_args, get_origin
+
+import msgspec
+from msgspec import Meta
+
+from ipc.errors import EngineError
+
+ENV_PREFIX = "ENGINE_"
+MiB = 1 << 20
+GiB = 1 << 30
+_POW2 = {"power_of_two": True}  # Meta extra: the value must be a power of two
+_SECRET = {"secret": True}  # Meta extra: never print the value
+
+
+class ConfigError(EngineError):
+    """Raised when a setting is unknown or its value is not one the engine accepts."""
+
+    def __init__(self, *problems: str) -> None:
+        self.problems = problems
+        super().__init__("\n".join(problems))
+
+
+class Config(msgspec.Struct, frozen=True, kw_only=True):
+    """Every engine knob; build it with `Config.from_env` so values are parsed and checked."""
+
+    workers: Annotated[int, Meta(ge=1, le=256, description="Worker processes.")] = 2
+    ring_bytes: Annotated[
+        int, Meta(ge=65536, le=GiB, extra=_POW2, description="Bytes of each (worker, lane) ring.")
+    ] = 4 * MiB
+    return_ring_bytes: Annotated[
+        int, Meta(ge=65536, le=GiB, extra=_POW2, description="Bytes of each return ring.")
+    ] = 4 * MiB
+    batch_size: Annotated[int, Meta(ge=1, le=65536, description="Max messages per batch.")] = 256
+    batch_linger_s: Annotated[
+        float, Meta(ge=0, le=10, description="Longest wait to fill a batch while input flows.")
+    ] = 0.001
+    delivery_concurrency: Annotated[
+        int, Meta(ge=1, le=100000, description="Deliveries in flight per worker.")
+    ] = 512
+    recipient_concurrency: Annotated[
+        int, Meta(ge=1, le=100000, description="Deliveries in flight per recipient; 1 keeps order.")
+    ] = 1
+    retry_max_attempts: Annotated[
+        int, Meta(ge=1, le=1000, description="Delivery attempts, the first included.")
+    ] = 5
+    retry_backoff_base_s: Annotated[
+        float, Meta(gt=0, le=3600, description="First retry backoff; doubles per attempt.")
+    ] = 0.1
+    retry_backoff_max_s: Annotated[
+        float, Meta(gt=0, le=86400, description="Cap on one retry backoff.")
+    ] = 30.0
+    handler_timeout_s: Annotated[
+        float, Meta(gt=0, le=86400, description="A longer handler call fails the attempt.")
+    ] = 30.0
+    default_ttl_s: Annotated[
+        float, Meta(ge=0, le=31536000, description="TTL of messages that set none; 0 = none.")
+    ] = 0.0
+    heartbeat_interval_s: Annotated[
+        float, Meta(gt=0, le=60, description="How often a worker reports it is alive.")
+    ] = 0.5
+    stall_timeout_s: Annotated[
+        float, Meta(gt=0, le=3600, description="Heartbeat age at which a worker is restarted.")
+    ] = 10.0
+    shutdown_timeout_s: Annotated[
+        float, Meta(ge=0, le=3600, description="Time to drain in-flight work on shutdown.")
+    ] = 30.0
+    stats_interval_s: Annotated[
+        float, Meta(gt=0, le=3600, description="How often workers send statistics.")
+    ] = 1.0
+    poison_max_crashes: Annotated[
+        int, Meta(ge=1, le=100, description="Worker crashes on one message before it is DLQ'd.")
+    ] = 3
+    starvation_limit: Annotated[
+        int, Meta(ge=1, le=1000000, description="Higher-lane batches per lower-lane batch.")
+    ] = 64
+    host: Annotated[str, Meta(description="TCP/HTTP bind address.")] = "127.0.0.1"
+    port: Annotated[int, Meta(ge=0, le=65535, description="TCP ingress port; 0 = any.")] = 7878
+    http_port: Annotated[int, Meta(ge=0, le=65535, description="HTTP port; 0 = any.")] = 7879
+    socket: Annotated[str, Meta(description="Unix socket path; empty = off.")] = ""
+    auth_token: Annotated[
+        str, Meta(extra=_SECRET, description="Shared secret; needed for a non-loopback bind.")
+    ] = ""
+    max_frame_bytes: Annotated[
+        int, Meta(ge=1024, le=GiB, description="Largest accepted ingress frame.")
+    ] = 16 * MiB
+    max_connections: Annotated[
+        int, Meta(ge=1, le=100000, description="Concurrent ingress connections.")
+    ] = 1024
+    handler: Annotated[str, Meta(description="Handler as module:function.")] = ""
+    sink: Annotated[
+        Literal["python", "mock", "inbox", "null"], Meta(description="Delivery protocol.")
+    ] = "python"
+    mock_delay_s: Annotated[float, Meta(ge=0, le=60, description="Mock sink delay.")] = 0.0
+    mock_success_rate: Annotated[
+        float, Meta(ge=0, le=1, description="Share of mock deliveries that succeed.")
+    ] = 1.0
+    inbox_dir: Annotated[str, Meta(description="Directory of the inbox sink.")] = ""
+    dlq_max: Annotated[int, Meta(ge=0, le=10**7, description="Dead letters kept.")] = 10000
+    dlq_path: Annotated[str, Meta(description="Dead-letter JSON-lines file; empty = off.")] = ""
+    max_worker_rss_bytes: Annotated[
+        int, Meta(ge=0, description="Recycle a worker above this RSS; 0 = off.")
+    ] = 0
+    max_messages_per_worker: Annotated[
+        int, Meta(ge=0, description="Recycle a worker after this many messages; 0 = off.")
+    ] = 0
+    ring_warn_ratio: Annotated[
+        float, Meta(ge=0, le=1, description="Ring fill ratio that logs a warning.")
+    ] = 0.8
+    start_method: Annotated[
+        Literal["auto", "fork", "forkserver", "spawn"], Meta(description="Process start method.")
+    ] = "auto"
+    log_level: Annotated[
+        Literal["DEBUG", "INFO", "WARNING", "ERROR"], Meta(description="Log level.")
+    ] = "INFO"
+    log_format: Annotated[Literal["text", "json"], Meta(description="Log line format.")] = "text"
+
+    def __post_init__(self) -> None:
+        """Check values built directly in code too, so no path skips validation."""
+        values = msgspec.structs.asdict(self)
+        problems = [p for n, s in _SPECS.items() if (p := _check(s, values[n], n)[1])]
+        if not problems:
+            problems = _cross_problems(values, dict.fromkeys(_SPECS, "code"))
+        if problems:
+            raise ConfigError(*problems)
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> "Config":
+        """Build from ``env`` (default ``os.environ``) with keyword overrides winning."""
+        return resolve_config(env, overrides)[0]
+
+
+# Cross-field rules: (field, must be >= this field).
+_AT_LEAST = (("retry_backoff_max_s", "retry_backoff_base_s"),)
+_OPS: dict[str, Callable[[Any, Any], bool]] = {
+    ">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le
+}  # fmt: skip
+_INT_RE = re.compile(r"[+-]?[0-9]+")
+_ACCEPTS: dict[type, tuple[type, ...]] = {int: (int,), float: (int, float), str: (str,)}
+_INVALID = object()
+
+
+@dataclass(frozen=True, slots=True)
+class _Spec:
+    """What one field accepts, read from the Struct's metadata."""
+
+    name: str
+    env: str
+    kind: type  # int, float or str
+    choices: tuple[str, ...]  # non-empty for Literal fields
+    bounds: tuple[tuple[str, float], ...]  # (operator, limit)
+    power_of_two: bool
+    secret: bool
+    default: object
+    description: str
+
+    @property
+    def requirement(self) -> str:
+        """The accepted values in words, e.g. ``an integer >= 1 and <= 256``."""
+        if self.choices:
+            return "one of " + ", ".join(self.choices)
+        if self.kind is str:
+            return "a string"
+        noun = "an integer" if self.kind is int else "a number"
+        noun = "a power of two" if self.power_of_two else noun
+        limits = " and ".join(f"{op} {_num(limit)}" for op, limit in self.bounds)
+        return f"{noun} {limits}".rstrip()
+
+
+class FieldDoc(msgspec.Struct, frozen=True, kw_only=True):
+    """One setting as shown in docs and by ``engine config``."""
+
+    name: str
+    env: str
+    type_name: str
+    default: object
+    allowed: str
+    description: str
+    secret: bool = False
+
+
+def _num(limit: float) -> str:
+    return str(int(limit)) if float(limit).is_integer() else repr(limit)
+
+
+def _build_specs() -> dict[str, _Spec]:
+    """Read every field's checks from its ``Annotated[type, Meta(...)]`` declaration."""
+    specs: dict[str, _Spec] = {}
+    for field in msgspec.structs.fields(Config):
+        base, meta = get_args(field.type)  # every field is Annotated[..., Meta(...)]
+        choices = get_args(base) if get_origin(base) is Literal else ()
+        bounds = tuple(
+            (op, limit)
+            for op, limit in ((">", meta.gt), (">=", meta.ge), ("<", meta.lt), ("<=", meta.le))
+            if limit is not None
+        )
+        extra = meta.extra or {}
+        specs[field.name] = _Spec(
+            name=field.name,
+            env=ENV_PREFIX + field.name.upper(),
+            kind=str if choices else base,
+            choices=choices,
+            bounds=bounds,
+            power_of_two=bool(extra.get("power_of_two")),
+            secret=bool(extra.get("secret")),
+            default=field.default,
+            description=meta.description or "",
+        )
+    return specs
+
+
+def _convert(spec: _Spec, raw: object) -> object:
+    """Turn a string (env, CLI) or a Python value into the field's type, or ``_INVALID``."""
+    if isinstance(raw, str) and spec.kind is not str:
+        text = raw.strip()
+        plain = _INT_RE.fullmatch(text) if spec.kind is int else "_" not in text
+        try:
+            return spec.kind(text) if plain else _INVALID
+        except ValueError:  # not a number, or an int too long to convert
+            return _INVALID
+    if isinstance(raw, bool) or not isinstance(raw, _ACCEPTS[spec.kind]):
+        return _INVALID
+    return float(raw) if spec.kind is float and isinstance(raw, int | float) else raw
+
+
+def _check(spec: _Spec, raw: object, label: str) -> tuple[object, str | None]:
+    """Return ``(value, None)`` or ``(None, problem)``; one message for type and range."""
+    value = _convert(spec, raw)
+    ok = value is not _INVALID
+    if ok and spec.choices:
+        ok = value in spec.choices
+    elif ok and spec.kind is not str:
+        ok = all(_OPS[op](value, limit) for op, limit in spec.bounds)  # NaN fails here
+        if ok and spec.power_of_two:
+            ok = isinstance(value, int) and value > 0 and value & (value - 1) == 0
+    if ok:
+        return value, None
+    return None, f"{label} must be {spec.requirement}, got {raw!r}"
+
+
+def _label(spec: _Spec, source: str) -> str:
+    if source in ("env", "default"):
+        return spec.env
+    return spec.name if source == "code" else f"{spec.name} ({source})"
+
+
+def _cross_problems(values: Mapping[str, Any], sources: Mapping[str, str]) -> list[str]:
+    """Check the rules between fields; a field whose own check failed (None) is skipped."""
+    problems = []
+    for high, low in _AT_LEAST:
+        hi = values.get(high, _SPECS[high].default)
+        lo = values.get(low, _SPECS[low].default)
+        if hi is not None and lo is not None and hi < lo:
+            hi_label = _label(_SPECS[high], sources[high])
+            lo_label = _label(_SPECS[low], sources[low])
+            problems.append(f"{hi_label} must be >= {lo_label} ({lo!r}), got {hi!r}")
+    return problems
+
+
+def _suggest(word: str, candidates: list[str]) -> str:
+    close = difflib.get_close_matches(word, candidates, n=1)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def resolve_config(
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, object] | None = None,
+    *,
+    source_label: str = "argument",
+) -> tuple[Config, dict[str, str]]:
+    """Build the Config and say where each value came from: default, env or ``source_label``.
+
+    All problems are collected and raised together in one `ConfigError`; an environment
+    value that an override replaces is not used, so it is not checked either.
+    """
+    env = os.environ if env is None else env
+    overrides = overrides or {}
+    values: dict[str, Any] = {}
+    sources = dict.fromkeys(_SPECS, "default")
+    problems: list[str] = []
+    by_env = {s.env: s for s in _SPECS.values()}
+    for key in sorted(k for k in env if k.startswith(ENV_PREFIX)):
+        spec = by_env.get(key)
+        if spec is None:
+            problems.append(f"{key} is not a known setting{_suggest(key, list(by_env))}")
+        elif spec.name not in overrides:
+            values[spec.name], problem = _check(spec, env[key], key)
+            sources[spec.name] = "env"
+            problems.extend(filter(None, [problem]))
+    for name, raw in overrides.items():
+        if name not in _SPECS:
+            hint = _suggest(name, list(_SPECS))
+            problems.append(f"{name} ({source_label}) is not a known setting{hint}")
+            continue
+        sources[name] = source_label
+        values[name], problem = _check(_SPECS[name], raw, _label(_SPECS[name], source_label))
+        problems.extend(filter(None, [problem]))
+    problems += _cross_problems(values, sources)
+    if problems:
+        raise ConfigError(*problems)
+    return Config(**values), sources
+
+
+def describe_fields() -> list[FieldDoc]:
+    """Every setting with its env var, type, default and allowed values, in field order."""
+    return [
+        FieldDoc(
+            name=s.name,
+            env=s.env,
+            type_name="choice" if s.choices else s.kind.__name__,
+            default=s.default,
+            allowed=s.requirement,
+            description=s.description,
+            secret=s.secret,
+        )
+        for s in _SPECS.values()
+    ]
+
+
+_SPECS = _build_specs()
