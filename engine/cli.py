@@ -108,7 +108,19 @@ def overrides_from_args(ns: argparse.Namespace) -> dict[str, str]:
     return overrides
 
 
+def reference_table() -> str:
+    """Every setting as a Markdown table: tuning.md embeds it verbatim (a test checks)."""
+    lines = ["| Variable | Default | Allowed | What it sets |", "|---|---|---|---|"]
+    for d in describe_fields():
+        default = json.dumps(d.default)
+        lines.append(f"| `{d.env}` | `{default}` | {d.allowed} | {d.description} |")
+    return "\n".join(lines)
+
+
 def _cmd_config(args: argparse.Namespace) -> int:
+    if args.reference:
+        print(reference_table())
+        return ExitCode.OK
     config, sources = resolve_config(overrides=overrides_from_args(args), source_label="cli")
     values = msgspec.structs.asdict(config)
     docs = describe_fields()
@@ -166,6 +178,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     config.add_argument(
         "--json", action="store_true", help='print {"field": {"value", "source", "env"}}'
+    )
+    config.add_argument(
+        "--reference",
+        action="store_true",
+        help="print every ENGINE_* variable as a Markdown table (the one in tuning.md)",
     )
     add_config_flags(config)
     config.set_defaults(run=_cmd_config)

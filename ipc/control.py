@@ -28,8 +28,10 @@ __all__ = [
     "ControlMessage",
     "Heartbeat",
     "Histogram",
+    "MonitorReport",
     "StatsSnapshot",
     "WorkerFailed",
+    "WorkerInfo",
     "WorkerReady",
     "bucket_bounds",
     "bucket_index",
@@ -201,7 +203,31 @@ class WorkerFailed(msgspec.Struct, array_like=True, tag="failed"):
     error: str
 
 
-ControlMessage = Heartbeat | StatsSnapshot | Command | WorkerReady | WorkerFailed
+class WorkerInfo(msgspec.Struct, array_like=True):
+    """One worker as the monitor sees it: process facts and its delivered count."""
+
+    worker: NonNegative
+    pid: NonNegative
+    alive: bool
+    restarts: NonNegative
+    cpu_percent: float
+    rss_bytes: NonNegative
+    delivered: NonNegative
+    beat_age_s: float
+
+
+class MonitorReport(msgspec.Struct, array_like=True, tag="report"):
+    """The monitor's merged view of all workers, sent to the dispatcher periodically."""
+
+    monitor_pid: NonNegative
+    workers: list[WorkerInfo]
+    counters: dict[str, int]
+    latency_start: Histogram
+    latency_settle: Histogram
+    sent_ns: int
+
+
+ControlMessage = Heartbeat | StatsSnapshot | Command | WorkerReady | WorkerFailed | MonitorReport
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder: msgspec.msgpack.Decoder[ControlMessage] = msgspec.msgpack.Decoder(ControlMessage)
