@@ -1,11 +1,52 @@
 """Ringway: a multiprocess message delivery engine over shared-memory rings.
 
-Kept import-light (no uvloop, no multiprocess) so ``engine --help`` and config checks start fast.
+Kept import-light: ``Engine`` (which pulls in the process machinery) loads on
+first use, so ``engine --help`` and config checks start fast.
 """
 
+from typing import TYPE_CHECKING, Any
+
 from engine.config import Config, ConfigError
-from ipc.errors import EngineError, QueueFull
+from engine.errors import (
+    EngineClosed,
+    EngineError,
+    EngineStartError,
+    QueueFull,
+    Reject,
+    RequestFailed,
+    RequestTimeout,
+    Retry,
+)
+from ipc.codec import Kind, Message, Priority
+
+if TYPE_CHECKING:
+    from engine.engine import Engine, SyncEngine
 
 __version__ = "0.1.0"
 
-__all__ = ["Config", "ConfigError", "EngineError", "QueueFull", "__version__"]
+__all__ = [
+    "Config",
+    "ConfigError",
+    "Engine",
+    "EngineClosed",
+    "EngineError",
+    "EngineStartError",
+    "Kind",
+    "Message",
+    "Priority",
+    "QueueFull",
+    "Reject",
+    "RequestFailed",
+    "RequestTimeout",
+    "Retry",
+    "SyncEngine",
+    "__version__",
+]
+
+
+def __getattr__(name: str) -> Any:
+    if name in ("Engine", "SyncEngine"):
+        from engine import engine as _engine
+
+        return getattr(_engine, name)
+    raise AttributeError(f"module 'engine' has no attribute {name!r}")

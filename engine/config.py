@@ -45,8 +45,9 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     ] = 4 * MiB
     batch_size: Annotated[int, Meta(ge=1, le=65536, description="Max messages per batch.")] = 256
     batch_linger_s: Annotated[
-        float, Meta(ge=0, le=10, description="Longest wait to fill a batch while input flows.")
-    ] = 0.001
+        float,
+        Meta(ge=0, le=10, description="Longest hold of a partial batch; 0 = flush when idle."),
+    ] = 0.0
     delivery_concurrency: Annotated[
         int, Meta(ge=1, le=100000, description="Deliveries in flight per worker.")
     ] = 512
@@ -84,7 +85,12 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
         int, Meta(ge=1, le=100, description="Worker crashes on one message before it is DLQ'd.")
     ] = 3
     starvation_limit: Annotated[
-        int, Meta(ge=1, le=1000000, description="Higher-lane batches per lower-lane batch.")
+        int,
+        Meta(
+            ge=1,
+            le=1000000,
+            description="Higher-lane deliveries before a waiting lower lane gets one.",
+        ),
     ] = 64
     host: Annotated[str, Meta(description="TCP/HTTP bind address.")] = "127.0.0.1"
     port: Annotated[int, Meta(ge=0, le=65535, description="TCP ingress port; 0 = any.")] = 7878

@@ -37,7 +37,7 @@ def test_config_json_reports_values_and_sources() -> None:
     assert out["workers"] == {"value": 4, "source": "env", "env": "ENGINE_WORKERS"}
     assert out["sink"] == {"value": "mock", "source": "env", "env": "ENGINE_SINK"}
     assert out["batch_size"] == {"value": 256, "source": "default", "env": "ENGINE_BATCH_SIZE"}
-    assert out["batch_linger_s"]["value"] == 0.001
+    assert out["batch_linger_s"]["value"] == 0.0
     assert out["auth_token"]["value"] == "***"  # a secret is never printed
     assert "s3" not in proc.stdout
 

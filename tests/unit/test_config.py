@@ -20,7 +20,7 @@ def test_defaults() -> None:
     assert config == Config()
     assert config.workers == 2
     assert config.ring_bytes == 4 * 1024 * 1024
-    assert config.batch_linger_s == 0.001
+    assert config.batch_linger_s == 0.0
     assert config.sink == "python"
     assert config.log_level == "INFO"
     assert config.default_ttl_s == 0.0

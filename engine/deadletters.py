@@ -1,0 +1,82 @@
+"""The dispatcher's bounded dead-letter store, optionally mirrored to a JSON-lines file."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import IO, Any
+
+import msgspec
+
+from ipc.records import DeadLetter
+
+
+class DeadLetterView(msgspec.Struct, frozen=True):
+    """A dead letter as users see it (``Engine.dead_letters()``, the JSON-lines file)."""
+
+    id: int
+    recipient: str
+    reason: str
+    attempts: int
+    error: str
+    kind: str
+    priority: str
+    payload: Any
+
+
+class DeadLetterStore:
+    """Keeps the newest ``limit`` dead letters, one per message id (redeliveries repeat them)."""
+
+    def __init__(self, limit: int, path: str = "") -> None:
+        self.limit = limit
+        self._items: OrderedDict[int, DeadLetter] = OrderedDict()
+        self._file: IO[bytes] | None = open(path, "ab") if path else None  # noqa: SIM115
+        self._encoder = msgspec.json.Encoder()
+        self.dropped = 0
+
+    def add(self, dl: DeadLetter) -> bool:
+        """Store ``dl``; False if this message id was already dead-lettered."""
+        mid = dl.message.id
+        if mid in self._items:
+            return False
+        self._items[mid] = dl
+        if len(self._items) > self.limit:
+            self._items.popitem(last=False)
+            self.dropped += 1
+        if self._file is not None:
+            self._file.write(self._encoder.encode(view(dl)) + b"\n")
+            self._file.flush()
+        return True
+
+    def items(self) -> list[DeadLetter]:
+        return list(self._items.values())
+
+    def take_all(self) -> list[DeadLetter]:
+        items = list(self._items.values())
+        self._items.clear()
+        return items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+def view(dl: DeadLetter) -> DeadLetterView:
+    msg = dl.message
+    try:
+        payload = msg.body()
+    except Exception:  # an undecodable payload is still listed, as raw bytes
+        payload = bytes(msg.payload)
+    return DeadLetterView(
+        id=msg.id,
+        recipient=msg.recipient,
+        reason=dl.reason,
+        attempts=dl.attempts,
+        error=dl.error,
+        kind=msg.kind.name.lower(),
+        priority=msg.priority.name.lower(),
+        payload=payload,
+    )

@@ -1,0 +1,67 @@
+"""Per-message delivery state inside a worker: frames, recipient lanes, retry timing.
+
+Kept apart from the process plumbing in ``engine.worker`` so the rules (order
+per recipient, full-jitter backoff, TTL) read in one place.
+"""
+
+from __future__ import annotations
+
+import random
+from collections import deque
+
+from ipc.codec import Message
+
+# Outcome codes of a settled message.
+DELIVERED, DEAD_LETTERED, EXPIRED = 0, 1, 2
+
+
+class FrameTrack:
+    """One input frame (a batch): its ring end position and how many messages remain."""
+
+    __slots__ = ("counts", "end", "lane", "remaining")
+
+    def __init__(self, lane: int, end: int, remaining: int) -> None:
+        self.lane = lane
+        self.end = end
+        self.remaining = remaining
+        self.counts = [0, 0, 0]  # delivered, dead-lettered, expired
+
+
+class Pending:
+    """A fetched message on its way to settlement."""
+
+    __slots__ = ("frame", "index", "msg", "state")
+
+    def __init__(self, msg: Message, frame: FrameTrack, index: int) -> None:
+        self.msg = msg
+        self.frame = frame
+        self.index = index
+        self.state: RecipientLane | None = None
+
+
+class RecipientLane:
+    """FIFO of one recipient within one priority lane, with its in-flight count.
+
+    ``avail`` counts this lane's entries in the worker's ready queue, so a
+    recipient is never offered more than ``limit - busy`` times at once.
+    """
+
+    __slots__ = ("avail", "busy", "key", "queue")
+
+    def __init__(self, key: tuple[int, str]) -> None:
+        self.key = key
+        self.queue: deque[Pending] = deque()
+        self.busy = 0
+        self.avail = 0
+
+    def wants_slot(self, limit: int) -> bool:
+        return self.avail < len(self.queue) and self.busy + self.avail < limit
+
+    def idle(self) -> bool:
+        return not self.queue and self.busy == 0 and self.avail == 0
+
+
+def backoff_s(attempt: int, base_s: float, max_s: float, rng: random.Random) -> float:
+    """Full jitter (AWS architecture blog): uniform in [0, min(max, base * 2**attempt)]."""
+    ceiling = max_s if attempt >= 64 else min(max_s, base_s * (1 << attempt))
+    return rng.uniform(0.0, ceiling)

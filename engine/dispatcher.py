@@ -1,0 +1,293 @@
+"""The dispatcher: shards messages into per-(worker, lane) batches and reads what comes back.
+
+Natural batching: a message is encoded once and appended to its (shard, lane)
+buffer; a buffer is written to its ring as one frame when it holds
+``batch_size`` messages, or when the event loop has run out of other work
+(``call_soon``; with ``ENGINE_BATCH_LINGER_S`` > 0, at most that long after
+the buffer's first message).  Only one coroutine writes to the rings at a
+time, so each ring keeps exactly one producer even with many submitters.
+
+Return rings carry ``FrameDone`` reports (the only source of the settled
+counts, so ``submitted == delivered + dead_lettered + expired + in_flight``
+holds at every moment), replies for requests and dead letters.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import struct
+import time
+from collections.abc import Iterable
+from typing import Any
+
+import msgspec
+
+from engine.config import Config
+from engine.deadletters import DeadLetterStore
+from engine.errors import EngineClosed, QueueFull, RequestFailed
+from engine.sharding import Sharder
+from ipc.codec import Kind, Message, Priority, encode, pack_payload, parse_kind, parse_priority
+from ipc.records import DeadLetter, FrameDone, Redelivered, Reply, decode_records
+from ipc.ring import RingConsumer, RingProducer
+from ipc.shard import LANES, EngineWakeups, ShardMemory
+
+_PRIORITIES: dict[object, Priority] = {p.name.lower(): p for p in Priority} | {
+    p: p for p in Priority
+}
+_KINDS: dict[object, Kind] = {k.name.lower(): k for k in Kind} | {k: k for k in Kind}
+monotonic_ns = time.monotonic_ns
+_U16 = struct.Struct(">H")
+_U32 = struct.Struct(">I")
+
+
+def array_header(n: int) -> bytes:
+    """msgpack array header, so pre-encoded messages concatenate into one batch frame."""
+    if n < 16:
+        return bytes((0x90 | n,))
+    if n < 1 << 16:
+        return b"\xdc" + _U16.pack(n)
+    return b"\xdd" + _U32.pack(n)
+
+
+class Dispatcher:
+    """Owns the producer end of every lane ring and the consumer end of every return ring."""
+
+    def __init__(self, config: Config, shards: list[ShardMemory], wakeups: EngineWakeups) -> None:
+        self.config = config
+        self.shards = shards
+        self.wakeups = wakeups
+        self.shard_of = Sharder(len(shards))
+        self.producers: list[list[RingProducer]] = [s.lane_producers() for s in shards]
+        self.returns: list[RingConsumer] = [s.return_consumer() for s in shards]
+        self.buffers: list[list[list[bytes]]] = [[[] for _ in range(LANES)] for _ in shards]
+        self.pending_flush = False
+        self.tasks: set[asyncio.Task[None]] = set()
+        self.flush_lock = asyncio.Lock()
+        self.ids = itertools.count(1)
+        self.acked: list[list[int]] = [[r.committed for r in s.lanes] for s in shards]
+        self.counts = dict.fromkeys(
+            (
+                "submitted",
+                "delivered",
+                "dead_lettered",
+                "expired",
+                "redelivered",
+                "batches",
+                "replies_unmatched",
+            ),
+            0,
+        )
+        self.lane_submitted = [0] * LANES
+        self.lane_settled = [0] * LANES
+        self.futures: dict[int, asyncio.Future[Any]] = {}
+        self.dead = DeadLetterStore(config.dlq_max, config.dlq_path)
+        self.recipients: dict[str, None] = {}
+        self.topics: dict[str, dict[str, None]] = {}
+        self.settled_event = asyncio.Event()
+        self.closed = False
+        self.loop = asyncio.get_running_loop()
+        self.loop.add_reader(wakeups.return_ready.fd, self.on_returns)
+
+    # -- building and queueing ---------------------------------------------------
+    def build(
+        self,
+        recipient: str,
+        payload: Any,
+        *,
+        priority: str | int | Priority = Priority.NORMAL,
+        ttl: float | None = None,
+        kind: str | int | Kind = Kind.DIRECT,
+        sender: str = "",
+        correlation_id: int = 0,
+        reply_to: str = "",
+        tags: Iterable[str] = (),
+        metadata: dict[str, str] | None = None,
+        dedup_key: str = "",
+    ) -> Message:
+        """Validate the caller's arguments and make the Message (the submit hot path)."""
+        if type(recipient) is not str or not recipient:
+            raise ValueError(f"recipient must be a non-empty string, got {recipient!r}")
+        prio = _PRIORITIES.get(priority)
+        if prio is None or type(priority) is bool:
+            prio = parse_priority(priority)
+        knd = _KINDS.get(kind)
+        if knd is None or type(kind) is bool:
+            knd = parse_kind(kind)
+        if ttl is None:
+            ttl = self.config.default_ttl_s
+        elif not (isinstance(ttl, int | float) and ttl >= 0):
+            raise ValueError(f"ttl must be a number of seconds >= 0, got {ttl!r}")
+        raw = payload if type(payload) is msgspec.Raw else pack_payload(payload)
+        created = monotonic_ns()
+        return Message(
+            next(self.ids),
+            recipient,
+            sender,
+            knd,
+            prio,
+            raw,
+            created,
+            created + int(ttl * 1e9) if ttl else 0,
+            0,
+            correlation_id,
+            reply_to,
+            tags if type(tags) is tuple else tuple(tags),
+            {} if metadata is None else dict(metadata),
+            dedup_key,
+        )
+
+    def _append(self, msg: Message) -> list[bytes]:
+        if self.closed:
+            raise EngineClosed("the engine is not running; submit inside `async with Engine(...)`")
+        buf = self.buffers[self.shard_of(msg.recipient)][msg.priority]
+        buf.append(encode(msg))
+        self.counts["submitted"] += 1
+        self.lane_submitted[msg.priority] += 1
+        return buf
+
+    async def enqueue(self, msg: Message) -> None:
+        buf = self._append(msg)
+        if len(buf) >= self.config.batch_size:
+            await self.flush(buf)
+        else:
+            self._schedule_flush()
+
+    async def enqueue_many(self, msgs: Iterable[Message]) -> None:
+        """Queue many messages; only full batches are written on the way (fewer, fuller frames)."""
+        size = self.config.batch_size
+        for msg in msgs:
+            buf = self._append(msg)
+            if len(buf) >= size:
+                await self.flush(buf)
+        self._schedule_flush()
+
+    def enqueue_nowait(self, msg: Message) -> None:
+        shard = self.shard_of(msg.recipient)
+        buf = self.buffers[shard][msg.priority]
+        if len(buf) + 1 >= self.config.batch_size:
+            producer = self.producers[shard][msg.priority]
+            if self.flush_lock.locked():
+                # A flush is waiting for ring space: writing past it would reorder.
+                raise QueueFull(
+                    f"lane {msg.priority.name.lower()} of worker {shard} is full "
+                    f"({len(buf)} messages waiting for ring space)"
+                )
+            frame = array_header(len(buf) + 1) + b"".join(buf) + encode(msg)
+            try:
+                producer.write_nowait([frame])
+            except QueueFull as exc:
+                raise QueueFull(
+                    f"lane {msg.priority.name.lower()} of worker {shard} is full "
+                    f"({len(buf) + 1} messages waiting, {producer.ring.used_bytes():,} of "
+                    f"{producer.ring.capacity:,} ring bytes in use): {exc}"
+                ) from None
+            self._account(msg)
+            buf.clear()
+            self.counts["batches"] += 1
+            return
+        self._append(msg)
+        self._schedule_flush()
+
+    def _account(self, msg: Message) -> None:
+        self.counts["submitted"] += 1
+        self.lane_submitted[msg.priority] += 1
+
+    def _schedule_flush(self) -> None:
+        if not self.pending_flush:
+            self.pending_flush = True
+            linger = self.config.batch_linger_s
+            if linger > 0:
+                self.loop.call_later(linger, self._flush_soon)
+            else:
+                self.loop.call_soon(self._flush_soon)
+
+    def _flush_soon(self) -> None:
+        self.pending_flush = False
+        if any(b for lanes in self.buffers for b in lanes):
+            task = self.loop.create_task(self.flush())
+            self.tasks.add(task)  # keep a reference until done (the loop holds weak ones)
+            task.add_done_callback(self.tasks.discard)
+
+    async def flush(self, only: list[bytes] | None = None) -> None:
+        """Write buffers as frames (every non-empty one, or just ``only``'s full batches).
+
+        Waits, never drops, while a ring is full; the lock keeps one writer per ring.
+        """
+        size = self.config.batch_size
+        async with self.flush_lock:
+            for shard, lanes in enumerate(self.buffers):
+                for lane, buf in enumerate(lanes):
+                    if only is not None and buf is not only:
+                        continue
+                    while len(buf) >= (size if only is not None else 1):
+                        n = min(len(buf), size)
+                        frame = array_header(n) + b"".join(buf[:n])
+                        del buf[:n]
+                        await self.producers[shard][lane].write_async([frame])
+                        self.counts["batches"] += 1
+
+    # -- return rings -----------------------------------------------------------
+    def on_returns(self) -> None:
+        self.wakeups.return_ready.clear()
+        for shard, consumer in enumerate(self.returns):
+            frames, _ = consumer.drain()
+            if not frames:
+                continue
+            for frame in frames:
+                for rec in decode_records(frame):
+                    self._record(shard, rec)
+            consumer.commit()
+        if self.in_flight() == 0:
+            self.settled_event.set()
+
+    def _record(self, shard: int, rec: Any) -> None:
+        if isinstance(rec, FrameDone):
+            acked = self.acked[shard]
+            if rec.end > acked[rec.lane]:  # else: a report repeated by a respawned worker
+                acked[rec.lane] = rec.end
+                self.counts["delivered"] += rec.delivered
+                self.counts["dead_lettered"] += rec.dead_lettered
+                self.counts["expired"] += rec.expired
+                self.lane_settled[rec.lane] += rec.delivered + rec.dead_lettered + rec.expired
+        elif isinstance(rec, Reply):
+            fut = self.futures.pop(rec.correlation_id, None)
+            if fut is None or fut.done():
+                self.counts["replies_unmatched"] += 1
+            elif rec.ok:
+                fut.set_result(msgspec.msgpack.decode(rec.value))
+            else:
+                fut.set_exception(RequestFailed(rec.error))
+        elif isinstance(rec, DeadLetter):
+            self.dead.add(rec)
+        elif isinstance(rec, Redelivered):
+            self.counts["redelivered"] += rec.count
+
+    def in_flight(self) -> int:
+        c = self.counts
+        return c["submitted"] - c["delivered"] - c["dead_lettered"] - c["expired"]
+
+    async def drain(self, timeout: float | None) -> bool:
+        """Wait until every submitted message is settled; False on timeout."""
+        await self.flush()
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.in_flight() > 0:
+            self.settled_event.clear()
+            remaining = None if deadline is None else deadline - time.monotonic()
+            if remaining is not None and remaining <= 0:
+                return False
+            try:
+                # The short cap re-checks the rings in case a wake-up raced the clear.
+                await asyncio.wait_for(self.settled_event.wait(), min(remaining or 0.1, 0.1))
+            except TimeoutError:
+                self.on_returns()
+        return True
+
+    def close(self) -> None:
+        self.closed = True
+        self.loop.remove_reader(self.wakeups.return_ready.fd)
+        for fut in self.futures.values():
+            if not fut.done():
+                fut.set_exception(EngineClosed("the engine stopped before the reply came"))
+        self.futures.clear()
+        self.dead.close()

@@ -1,0 +1,54 @@
+"""Errors and handler signals of the engine; all derive from the one root, EngineError."""
+
+from __future__ import annotations
+
+from ipc.errors import CodecError, EngineError, FrameTooLargeError, QueueFull, ShmSpaceError
+
+__all__ = [
+    "CodecError",
+    "EngineClosed",
+    "EngineError",
+    "EngineStartError",
+    "FrameTooLargeError",
+    "QueueFull",
+    "Reject",
+    "RequestFailed",
+    "RequestTimeout",
+    "Retry",
+    "ShmSpaceError",
+]
+
+
+class Retry(EngineError):
+    """Raised by a handler to ask for another attempt, after ``after`` seconds if given."""
+
+    def __init__(self, after: float | None = None, reason: str = "") -> None:
+        if after is not None and not after >= 0:
+            raise ValueError(f"Retry(after=) must be a number of seconds >= 0, got {after!r}")
+        self.after = after
+        self.reason = reason
+        super().__init__(reason or (f"retry after {after}s" if after is not None else "retry"))
+
+
+class Reject(EngineError):
+    """Raised by a handler to dead-letter the message at once, with ``reason``."""
+
+    def __init__(self, reason: str = "rejected") -> None:
+        self.reason = reason
+        super().__init__(reason)
+
+
+class RequestTimeout(EngineError, TimeoutError):
+    """Raised when a request gets no reply within its timeout."""
+
+
+class RequestFailed(EngineError):
+    """Raised by ``request`` when the handler rejected the request or it was dead-lettered."""
+
+
+class EngineStartError(EngineError):
+    """Raised when the engine cannot start, e.g. a worker fails to import its handler."""
+
+
+class EngineClosed(EngineError):
+    """Raised when a message is submitted to an engine that is not running."""

@@ -1,0 +1,567 @@
+"""A worker process: drains its shard's lanes and delivers on its own uvloop loop.
+
+Flow: the reader fetches frames (highest lane first) while fewer than
+``window`` messages are unsettled, decodes each frame as one batch and queues
+every message on its (lane, recipient) FIFO.  Sync handlers are called inline
+by a dispatcher loop over the ready queue; async handlers run on a fixed pool
+of ``delivery_concurrency`` coroutines (never a task per message).  Settled
+messages are reported on the return ring; a frame is committed in its lane
+only after the report that covers it is published, so a crash can repeat
+work but never lose or miscount it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import inspect
+import os
+import random
+import signal
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+
+from engine.config import Config
+from engine.delivery import (
+    DEAD_LETTERED,
+    DELIVERED,
+    EXPIRED,
+    FrameTrack,
+    Pending,
+    RecipientLane,
+    backoff_s,
+)
+from engine.errors import EngineError, Reject, Retry
+from engine.sinks import Sink
+from ipc.codec import Kind, decode_batch
+from ipc.control import Histogram, StatsSnapshot, WorkerFailed, WorkerReady, send_control
+from ipc.records import DeadLetter, FrameDone, Redelivered, Reply, ReturnRecord, encode_records
+from ipc.ring import RingConsumer, RingProducer
+from ipc.shard import (
+    LANES,
+    SLOT_ACTIVE,
+    SLOT_FRAME_END,
+    SLOT_INDEX,
+    SLOT_LANE,
+    SLOT_MESSAGE_ID,
+    SLOT_PID,
+    ShardMemory,
+    ShardSpec,
+)
+
+EXIT_BOOT_FAILED = 3
+RECORDS_PER_FRAME = 512
+_encoder = msgspec.msgpack.Encoder()
+_NIL = msgspec.Raw(b"\xc0")
+
+
+@dataclass
+class WorkerPlan:
+    """What the monitor tells a (re)spawned worker about its shard's history."""
+
+    careful: bool = False  # deliver the redelivery window one by one, recording each
+    quarantine: set[tuple[int, int, int]] = field(default_factory=set)  # (lane, end, index)
+    crashes: int = 0
+
+
+def window_for(config: Config) -> int:
+    """Unsettled messages a worker may hold: bounds memory and redelivery after a crash."""
+    return max(4 * config.delivery_concurrency, 2 * config.batch_size)
+
+
+class Worker:
+    """The delivery engine of one shard, inside its worker process."""
+
+    def __init__(
+        self, index: int, shard: ShardMemory, config: Config, sink: Sink, plan: WorkerPlan
+    ) -> None:
+        self.index = index
+        self.shard = shard
+        self.config = config
+        self.sink = sink
+        self.plan = plan
+        self.deliver_fn = sink.deliver
+        self.is_async = sink.is_async
+        self.limit = config.recipient_concurrency
+        self.window = window_for(config)
+        self.timeout_ns = int(config.handler_timeout_s * 1e9)
+        self.rng = random.Random()
+        # Redelivery window: what the previous worker of this shard had fetched.
+        self.redeliver_until = [r.read_pos for r in shard.lanes]
+        self.consumers: list[RingConsumer] = shard.lane_consumers()
+        self.returns: RingProducer = shard.return_producer()
+        self.frames: list[deque[FrameTrack]] = [deque() for _ in range(LANES)]
+        self.lanes: list[dict[str, RecipientLane]] = [{} for _ in range(LANES)]
+        self.ready: list[deque[RecipientLane]] = [deque() for _ in range(LANES)]
+        self.due: deque[Pending] = deque()  # retries whose backoff ended
+        self.unsettled = 0
+        self.out: list[ReturnRecord] = []
+        self.commit_dirty = [False] * LANES
+        self.higher_streak = 0
+        self.stopping = False
+        self.counters = dict.fromkeys(
+            (
+                "delivered",
+                "failed_attempts",
+                "retried",
+                "dead_lettered",
+                "expired",
+                "redelivered",
+                "batches",
+                "fetched",
+                "replies",
+            ),
+            0,
+        )
+        self.lat_start = Histogram()
+        self.lat_settle = Histogram()
+        self.wake = asyncio.Event()  # work for runners, or space in the window
+        self.flush_wanted = asyncio.Event()
+        self.careful_left = 0
+
+    # -- fetching --------------------------------------------------------------
+    def fetch(self) -> int:
+        """Drain frames into recipient FIFOs while the window allows; returns messages."""
+        got = 0
+        for lane in range(LANES):
+            consumer = self.consumers[lane]
+            while self.unsettled < self.window:
+                frames, ends = consumer.drain(max_frames=8)
+                if not frames:
+                    break
+                for frame, end in zip(frames, ends, strict=True):
+                    got += self._accept(lane, frame, end)
+        return got
+
+    def _accept(self, lane: int, frame: bytes, end: int) -> int:
+        msgs = decode_batch(frame)
+        track = FrameTrack(lane, end, len(msgs))
+        self.frames[lane].append(track)
+        self.counters["batches"] += 1
+        self.counters["fetched"] += len(msgs)
+        redelivery = end <= self.redeliver_until[lane]
+        if redelivery:
+            self.counters["redelivered"] += len(msgs)
+            self.out.append(Redelivered(len(msgs)))
+            if self.plan.careful:
+                self.careful_left += len(msgs)
+        if not msgs:
+            self._maybe_commit(track)
+            return 0
+        states = self.lanes[lane]
+        ready = self.ready[lane]
+        limit = self.limit
+        for i, msg in enumerate(msgs):
+            p = Pending(msg, track, i)
+            st = states.get(msg.recipient)
+            if st is None:
+                st = states[msg.recipient] = RecipientLane((lane, msg.recipient))
+            p.state = st
+            st.queue.append(p)
+            if st.wants_slot(limit):
+                st.avail += 1
+                ready.append(st)
+        self.unsettled += len(msgs)
+        self.wake.set()
+        return len(msgs)
+
+    # -- choosing the next message ---------------------------------------------
+    def next_pending(self) -> Pending | None:
+        """Retries first, then the highest ready lane, with the starvation guard."""
+        if self.due:
+            return self.due.popleft()
+        chosen = -1
+        for lane in range(LANES):
+            if self.ready[lane]:
+                chosen = lane
+                break
+        if chosen < 0:
+            return None
+        if self.higher_streak >= self.config.starvation_limit:
+            for lane in range(LANES - 1, chosen, -1):
+                if self.ready[lane]:
+                    chosen = lane
+                    break
+            self.higher_streak = 0
+        else:
+            lower_waiting = any(self.ready[lane] for lane in range(chosen + 1, LANES))
+            self.higher_streak = self.higher_streak + 1 if lower_waiting else 0
+        st = self.ready[chosen].popleft()
+        st.avail -= 1
+        p = st.queue.popleft()
+        st.busy += 1
+        return p
+
+    # -- delivering ------------------------------------------------------------
+    def start_delivery(self, p: Pending) -> Any:
+        """Run the pre-checks and call the sink; returns an awaitable or a sentinel."""
+        msg = p.msg
+        now = time.monotonic_ns()
+        if msg.expires_ns and now >= msg.expires_ns:
+            self.settle(p, EXPIRED, now)
+            return _SETTLED
+        if (p.frame.lane, p.frame.end, p.index) in self.plan.quarantine:
+            self.dead_letter(p, "worker_crash", f"worker crashed {self.plan.crashes} times on it")
+            return _SETTLED
+        if msg.created_ns:
+            self.lat_start.record(now - msg.created_ns)
+        return now
+
+    def finish(self, p: Pending, result: Any) -> None:
+        msg = p.msg
+        if msg.kind == Kind.REQUEST and msg.correlation_id:
+            try:
+                value = msgspec.Raw(_encoder.encode(result))
+            except (TypeError, msgspec.EncodeError) as exc:
+                self.out.append(
+                    Reply(msg.correlation_id, False, _NIL, f"reply not encodable: {exc}")
+                )
+            else:
+                self.out.append(Reply(msg.correlation_id, True, value))
+            self.counters["replies"] += 1
+        self.settle(p, DELIVERED, time.monotonic_ns())
+
+    def fail(self, p: Pending, exc: BaseException) -> None:
+        msg = p.msg
+        if isinstance(exc, Reject):
+            self.dead_letter(p, "rejected", exc.reason)
+            return
+        self.counters["failed_attempts"] += 1
+        attempts = msg.attempt + 1
+        if attempts >= self.config.retry_max_attempts:
+            self.dead_letter(p, "max_attempts", f"{type(exc).__name__}: {exc}")
+            return
+        if isinstance(exc, Retry) and exc.after is not None:
+            delay = exc.after
+        else:
+            cfg = self.config
+            delay = backoff_s(
+                msg.attempt, cfg.retry_backoff_base_s, cfg.retry_backoff_max_s, self.rng
+            )
+        msg.attempt = attempts
+        due_ns = time.monotonic_ns() + int(delay * 1e9)
+        if msg.expires_ns and due_ns >= msg.expires_ns:
+            # It would expire before its retry: never deliver it again, settle at expiry.
+            self._after(msg.expires_ns, self._expire_due, p)
+            return
+        self.counters["retried"] += 1
+        self._after(due_ns, self._retry_due, p)
+
+    def _after(self, due_ns: int, callback: Callable[[Pending, int], None], p: Pending) -> None:
+        """Run ``callback(p, due_ns)`` no earlier than ``due_ns`` on the monotonic clock.
+
+        uvloop's timers have millisecond resolution and may fire up to 1 ms early,
+        so callbacks re-check the clock and re-arm (a retry is never early, and a
+        message is never delivered just before its TTL ends instead of expiring).
+        """
+        delay = max(0.0, (due_ns - time.monotonic_ns()) / 1e9)
+        asyncio.get_running_loop().call_later(delay + 0.001, callback, p, due_ns)
+
+    def _retry_due(self, p: Pending, due_ns: int) -> None:
+        if time.monotonic_ns() < due_ns:
+            self._after(due_ns, self._retry_due, p)
+            return
+        self.due.append(p)
+        self.wake.set()
+
+    def _expire_due(self, p: Pending, due_ns: int) -> None:
+        now = time.monotonic_ns()
+        if now < due_ns:
+            self._after(due_ns, self._expire_due, p)
+            return
+        self.settle(p, EXPIRED, now)
+
+    def dead_letter(self, p: Pending, reason: str, error: str) -> None:
+        msg = p.msg
+        now = time.monotonic_ns()
+        self.out.append(DeadLetter(msg, reason, msg.attempt + 1, error, now))
+        if msg.kind == Kind.REQUEST and msg.correlation_id:
+            self.out.append(Reply(msg.correlation_id, False, _NIL, f"{reason}: {error}"))
+        self.settle(p, DEAD_LETTERED, now)
+
+    def settle(self, p: Pending, outcome: int, now: int) -> None:
+        track = p.frame
+        track.counts[outcome] += 1
+        track.remaining -= 1
+        self.counters[("delivered", "dead_lettered", "expired")[outcome]] += 1
+        if p.msg.created_ns:
+            self.lat_settle.record(now - p.msg.created_ns)
+        self.unsettled -= 1
+        st = p.state
+        if st is not None:
+            st.busy -= 1
+            if st.wants_slot(self.limit):
+                st.avail += 1
+                self.ready[st.key[0]].append(st)
+            elif st.idle():
+                del self.lanes[st.key[0]][st.key[1]]
+        if track.remaining == 0:
+            self._maybe_commit(track)
+        if self.out:
+            self.flush_wanted.set()  # replies and dead letters go out this tick
+        self.wake.set()
+
+    def _maybe_commit(self, track: FrameTrack) -> None:
+        frames = self.frames[track.lane]
+        if frames and frames[0] is track:
+            self.commit_dirty[track.lane] = True
+            self.flush_wanted.set()
+
+    # -- reporting and committing ------------------------------------------------
+    async def flusher(self) -> None:
+        """Publish return records, then commit the frames they cover (never before)."""
+        while True:
+            await self.flush_wanted.wait()
+            self.flush_wanted.clear()
+            await self.flush()
+            if self.stopping and self.unsettled == 0 and not self.out:
+                return
+
+    async def flush(self) -> None:
+        commits: list[tuple[int, int]] = []
+        for lane in range(LANES):
+            if not self.commit_dirty[lane]:
+                continue
+            self.commit_dirty[lane] = False
+            frames = self.frames[lane]
+            end = -1
+            while frames and frames[0].remaining == 0:
+                t = frames.popleft()
+                d, x, e = t.counts
+                self.out.append(FrameDone(lane, t.end, d, x, e))
+                end = t.end
+            if end >= 0:
+                commits.append((lane, end))
+        if self.out:
+            records, self.out = self.out, []
+            chunks = [
+                encode_records(records[i : i + RECORDS_PER_FRAME])
+                for i in range(0, len(records), RECORDS_PER_FRAME)
+            ]
+            await self.returns.write_async(chunks)
+        for lane, end in commits:
+            self.consumers[lane].commit(end)
+
+    # -- loops -----------------------------------------------------------------
+    async def reader(self) -> None:
+        lane_ready = self.shard.spec.lane_ready
+        while not self.stopping:
+            self.fetch()
+            if self.out:
+                self.flush_wanted.set()
+            if self.unsettled >= self.window:
+                self.wake.clear()
+                await self.wake.wait()  # settles make room
+            else:
+                await lane_ready.wait_async(self.config.heartbeat_interval_s)
+
+    async def inline_runner(self) -> None:
+        """Sync sinks: deliver in order on the loop, no coroutine per message."""
+        deliver = self.deliver_fn
+        done = 0
+        while True:
+            p = self.next_pending()
+            if p is None:
+                if self.stopping and self.unsettled == 0:
+                    return
+                self.wake.clear()
+                await self.wake.wait()
+                continue
+            started = self.start_delivery(p)
+            if started is _SETTLED:
+                continue
+            self._mark(p)
+            try:
+                result = deliver(p.msg)
+                if inspect.isawaitable(result):
+                    # A plain function returned an awaitable (e.g. a partial of an
+                    # async def): await it here, in order, rather than drop it.
+                    result = await result
+            except Exception as exc:
+                self.fail(p, exc)
+            else:
+                self.finish(p, result)
+            self._unmark()
+            done += 1
+            if done & 255 == 0:
+                await asyncio.sleep(0)  # let the reader and the flusher run
+
+    async def pool_runner(self, slot: list[int]) -> None:
+        """One of the fixed pool of async deliverers; ``slot[0]`` holds its deadline."""
+        deliver = self.deliver_fn
+        task = asyncio.current_task()
+        assert task is not None
+        while True:
+            p = self.next_pending()
+            if p is None:
+                if self.stopping and self.unsettled == 0:
+                    return
+                self.wake.clear()
+                await self.wake.wait()
+                continue
+            started = self.start_delivery(p)
+            if started is _SETTLED:
+                continue
+            self._mark(p)
+            slot[0] = started + self.timeout_ns
+            try:
+                result = deliver(p.msg)
+                if inspect.isawaitable(result):
+                    result = await result
+            except asyncio.CancelledError:
+                if slot[1] != 1:
+                    raise  # a real cancellation (shutdown), not our timeout
+                self.fail(p, TimeoutError(f"handler exceeded {self.config.handler_timeout_s}s"))
+            except Exception as exc:
+                self.fail(p, exc)
+            else:
+                self.finish(p, result)
+            finally:
+                slot[0] = 0
+                if slot[1]:
+                    slot[1] = 0
+                    task.uncancel()
+                self._unmark()
+
+    def _mark(self, p: Pending) -> None:
+        """Careful mode: record the delivery in the slot so a crash names its message."""
+        if self.careful_left and p.frame.end <= self.redeliver_until[p.frame.lane]:
+            idx = self.shard.slot_idx
+            idx[SLOT_LANE] = p.frame.lane
+            idx[SLOT_FRAME_END] = p.frame.end
+            idx[SLOT_INDEX] = p.index
+            idx[SLOT_MESSAGE_ID] = p.msg.id & 0xFFFF_FFFF_FFFF_FFFF
+            idx[SLOT_ACTIVE] = 1
+            self.careful_left -= 1
+
+    def _unmark(self) -> None:
+        self.shard.slot_idx[SLOT_ACTIVE] = 0
+        if self.is_async and self.careful_left == 0 and len(self.slots) == 1 and self.plan.careful:
+            self.plan.careful = False
+            self._grow_pool(self.config.delivery_concurrency - 1)
+
+    def _grow_pool(self, n: int) -> None:
+        for _ in range(n):
+            slot = [0, 0]
+            task = asyncio.ensure_future(self.pool_runner(slot))
+            self.slots.append((task, slot))
+
+    async def watchdog(self, slots: list[tuple[asyncio.Task[None], list[int]]]) -> None:
+        """Cancel deliveries past the handler timeout: one timer for the whole pool."""
+        period = min(self.config.handler_timeout_s / 4, 0.25)
+        while True:
+            await asyncio.sleep(period)
+            now = time.monotonic_ns()
+            for task, slot in slots:
+                if slot[0] and now > slot[0] and slot[1] == 0:
+                    slot[1] = 1
+                    task.cancel()
+
+    async def heartbeat(self, send: Callable[[Any], None]) -> None:
+        ring = self.shard.lanes[0]
+        stats_every = self.config.stats_interval_s
+        next_stats = 0.0
+        while True:
+            ring.beat()
+            now = time.monotonic()
+            if now >= next_stats:
+                next_stats = now + stats_every
+                send(self.snapshot())
+            await asyncio.sleep(self.config.heartbeat_interval_s)
+
+    def snapshot(self) -> StatsSnapshot:
+        return StatsSnapshot(
+            worker=self.index,
+            pid=os.getpid(),
+            counters=dict(self.counters),
+            latency_start=self.lat_start,
+            latency_settle=self.lat_settle,
+            sent_ns=time.monotonic_ns(),
+        )
+
+    async def run(self, send: Callable[[Any], None]) -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGINT, stop.set)
+        tasks: list[asyncio.Task[None]] = []
+        self.slots: list[tuple[asyncio.Task[None], list[int]]] = []
+        if self.is_async:
+            # Careful mode starts one deliverer; the pool grows once the
+            # redelivery window is settled (see _unmark).
+            self._grow_pool(1 if self.plan.careful else self.config.delivery_concurrency)
+            tasks.append(asyncio.ensure_future(self.watchdog(self.slots)))
+        else:
+            tasks.append(asyncio.ensure_future(self.inline_runner()))
+        reader = asyncio.ensure_future(self.reader())
+        flusher = asyncio.ensure_future(self.flusher())
+        beat = asyncio.ensure_future(self.heartbeat(send))
+        send(WorkerReady(worker=self.index, pid=os.getpid()))
+        stopper = asyncio.ensure_future(stop.wait())
+        core = {reader, flusher, beat, *tasks, *(t for t, _ in self.slots)}
+        done, _ = await asyncio.wait({stopper, *core}, return_when=asyncio.FIRST_COMPLETED)
+        for t in done:
+            if t is not stopper and not t.cancelled() and t.exception() is not None:
+                # A broken loop must not idle on as a "healthy" worker: exit, so the
+                # monitor respawns it and the frames it held are delivered again.
+                raise WorkerCrashed(f"worker {self.index} task failed") from t.exception()
+        # Graceful stop: fetch nothing more, settle what we hold, report, exit.
+        self.stopping = True
+        reader.cancel()
+        self.wake.set()
+        self.flush_wanted.set()
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(self.config.shutdown_timeout_s):
+                while self.unsettled:
+                    self.wake.clear()
+                    await self.wake.wait()
+                await self.flush()
+        for t in (*tasks, *(t for t, _ in self.slots), flusher, beat):
+            t.cancel()
+        send(self.snapshot())
+
+
+_SETTLED = object()
+
+
+class WorkerCrashed(EngineError):
+    """Raised inside a worker when one of its core loops failed; the process exits."""
+
+
+def worker_main(
+    index: int,
+    spec: ShardSpec,
+    config: Config,
+    handler: Any,
+    plan: WorkerPlan,
+    conn: Any,
+    monitor_pid: int,
+) -> None:
+    """Entry point of a worker process (forked by the monitor)."""
+    from engine.procutil import die_with_parent
+
+    die_with_parent(monitor_pid)
+    from engine.sinks import make_sink
+
+    def send(msg: Any) -> None:
+        send_control(conn, msg)
+
+    try:
+        sink = make_sink(config, handler)
+    except Exception as exc:
+        send(WorkerFailed(worker=index, pid=os.getpid(), error=str(exc)))
+        os._exit(EXIT_BOOT_FAILED)
+    shard = ShardMemory.attach(spec)
+    shard.slot_idx[SLOT_PID] = os.getpid()
+    worker = Worker(index, shard, config, sink, plan)
+    import uvloop
+
+    try:
+        uvloop.run(worker.run(send))
+    finally:
+        sink.close()

@@ -1,0 +1,69 @@
+"""Records a worker sends back to the dispatcher on its return ring.
+
+One return-ring frame is a msgpack array of these tagged records, written at
+the end of a worker's loop tick.  ``FrameDone`` is how the dispatcher learns
+that every message of one input frame is settled; it is written *before* the
+worker commits that frame, so a crash can only repeat a report (which the
+dispatcher recognises by position) and never lose one.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import msgspec
+
+from ipc.codec import DECODE_ERRORS, Message
+from ipc.errors import CodecError
+
+
+class FrameDone(msgspec.Struct, array_like=True, tag=0, gc=False):
+    """Every message of the input frame ending at ``end`` in ``lane`` is settled."""
+
+    lane: int
+    end: int
+    delivered: int
+    dead_lettered: int
+    expired: int
+
+
+class Reply(msgspec.Struct, array_like=True, tag=1, gc=False):
+    """The handler's answer to a request, matched by correlation id."""
+
+    correlation_id: int
+    ok: bool
+    value: msgspec.Raw
+    error: str = ""
+
+
+class DeadLetter(msgspec.Struct, array_like=True, tag=2):
+    """A message that will not be delivered, and why."""
+
+    message: Message
+    reason: str
+    attempts: int
+    error: str = ""
+    at_ns: int = 0
+
+
+class Redelivered(msgspec.Struct, array_like=True, tag=3, gc=False):
+    """A respawned worker fetched again ``count`` messages its predecessor had fetched."""
+
+    count: int
+
+
+ReturnRecord = FrameDone | Reply | DeadLetter | Redelivered
+
+_encoder = msgspec.msgpack.Encoder()
+_decoder = msgspec.msgpack.Decoder(list[ReturnRecord])
+
+
+def encode_records(records: Sequence[ReturnRecord]) -> bytes:
+    return _encoder.encode(records)
+
+
+def decode_records(buf: bytes) -> list[ReturnRecord]:
+    try:
+        return _decoder.decode(buf)
+    except DECODE_ERRORS as exc:
+        raise CodecError(f"bad return-ring frame: {exc}") from exc

@@ -1,0 +1,137 @@
+"""The shared memory of one worker shard: a ring per priority lane, a return ring, a slot.
+
+The dispatcher creates (and later unlinks) every segment; workers and the
+monitor only attach, so a worker or monitor crash never loses queued messages.
+
+Wake-ups: one eventfd per shard says "some lane has frames"; one engine-wide
+eventfd says "some lane has space again" and one says "some return ring has
+frames", so the dispatcher sleeps on two descriptors however many workers run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ipc.codec import Priority
+from ipc.ring import Ring, RingConsumer, RingProducer, segment_bytes
+from ipc.shm import Segment
+from ipc.wake import EventFd
+
+LANES = len(Priority)
+SLOT_BYTES = 4096
+
+# Slot fields (u64 indices), written by the worker, read by the monitor after a crash.
+SLOT_ACTIVE = 0  # 1 while a delivery of a suspect message runs
+SLOT_LANE = 1
+SLOT_FRAME_END = 2
+SLOT_INDEX = 3
+SLOT_MESSAGE_ID = 4
+SLOT_PID = 5  # the worker process attached now: a new monitor waits for it to be gone
+
+
+@dataclass(frozen=True)
+class EngineWakeups:
+    """Engine-wide eventfds the dispatcher sleeps on."""
+
+    lane_space: EventFd  # a worker committed lane space
+    return_ready: EventFd  # a worker published return records
+
+    @classmethod
+    def create(cls) -> EngineWakeups:
+        return cls(lane_space=EventFd(), return_ready=EventFd())
+
+    def close(self) -> None:
+        self.lane_space.close()
+        self.return_ready.close()
+
+
+@dataclass(frozen=True)
+class ShardSpec:
+    """What a worker (or its monitor) needs to attach to its shard; picklable."""
+
+    index: int
+    lane_names: tuple[str, ...]
+    return_name: str
+    slot_name: str
+    lane_ready: EventFd
+    return_space: EventFd
+    wakeups: EngineWakeups
+
+
+def shard_bytes(ring_bytes: int, return_ring_bytes: int) -> int:
+    """Shared memory one shard takes, for the /dev/shm space check."""
+    return LANES * segment_bytes(ring_bytes) + segment_bytes(return_ring_bytes) + SLOT_BYTES
+
+
+class ShardMemory:
+    """The segments of one shard as mapped in this process."""
+
+    def __init__(self, spec: ShardSpec, lanes: list[Ring], returns: Ring, slot: Segment) -> None:
+        self.spec = spec
+        self.lanes = lanes
+        self.returns = returns
+        self.slot = slot
+        self.slot_idx = memoryview(slot.buf).cast("Q")
+
+    @classmethod
+    def create(
+        cls, prefix: str, index: int, wakeups: EngineWakeups, ring_bytes: int, return_bytes: int
+    ) -> ShardMemory:
+        base = f"{prefix}w{index}"
+        spec = ShardSpec(
+            index=index,
+            lane_names=tuple(f"{base}-lane{p.value}" for p in Priority),
+            return_name=f"{base}-ret",
+            slot_name=f"{base}-slot",
+            lane_ready=EventFd(),
+            return_space=EventFd(),
+            wakeups=wakeups,
+        )
+        made: list[Ring] = []
+        try:
+            for name in spec.lane_names:
+                made.append(Ring.create(name, ring_bytes))
+            returns = Ring.create(spec.return_name, return_bytes)
+            made.append(returns)
+            slot = Segment.create(spec.slot_name, SLOT_BYTES)
+        except BaseException:
+            for ring in made:
+                ring.close()
+            raise
+        return cls(spec, made[:LANES], returns, slot)
+
+    @classmethod
+    def attach(cls, spec: ShardSpec) -> ShardMemory:
+        lanes = [Ring.attach(n) for n in spec.lane_names]
+        return cls(spec, lanes, Ring.attach(spec.return_name), Segment.attach(spec.slot_name))
+
+    # Dispatcher side ---------------------------------------------------------
+    def lane_producers(self) -> list[RingProducer]:
+        wake = self.spec.wakeups
+        return [RingProducer(r, self.spec.lane_ready, wake.lane_space) for r in self.lanes]
+
+    def return_consumer(self) -> RingConsumer:
+        return RingConsumer(self.returns, self.spec.wakeups.return_ready, self.spec.return_space)
+
+    # Worker side -------------------------------------------------------------
+    def lane_consumers(self) -> list[RingConsumer]:
+        wake = self.spec.wakeups
+        return [RingConsumer(r, self.spec.lane_ready, wake.lane_space) for r in self.lanes]
+
+    def return_producer(self) -> RingProducer:
+        return RingProducer(self.returns, self.spec.wakeups.return_ready, self.spec.return_space)
+
+    def committed(self) -> tuple[int, ...]:
+        """Committed position of every lane: a crash at the same tuple is the same message."""
+        return tuple(r.committed for r in self.lanes)
+
+    def close(self) -> None:
+        self.slot_idx.release()
+        for ring in (*self.lanes, self.returns):
+            ring.close()
+        self.slot.close()
+
+    def close_wakeups(self) -> None:
+        """Owner only: the per-shard eventfds (engine-wide ones are closed by their owner)."""
+        self.spec.lane_ready.close()
+        self.spec.return_space.close()
