@@ -36,8 +36,9 @@ def test_mock_sink_awaits_its_delay_for_every_delivery() -> None:
 
 
 def test_mock_sink_failure_rate_feeds_retries_and_dead_letters() -> None:
-    s = _run(_config(sink="mock", mock_success_rate=0.5, retry_max_attempts=1), n=400,
-             recipients=40)
+    s = _run(
+        _config(sink="mock", mock_success_rate=0.5, retry_max_attempts=1), n=400, recipients=40
+    )
     assert s["delivered"] + s["dead_lettered"] == 400
     # Binomial(400, 0.5): outside 100..300 has probability < 1e-20.
     assert 100 < s["dead_lettered"] < 300
