@@ -19,15 +19,15 @@ import itertools
 import struct
 import time
 from collections.abc import Iterable
-from typing import Any
+from typing import Any, NamedTuple
 
 import msgspec
 
 from engine.config import Config
 from engine.deadletters import DeadLetterStore
-from engine.errors import EngineClosed, QueueFull, RequestFailed
+from engine.errors import EngineClosed, FrameTooLargeError, QueueFull, RequestFailed
 from engine.sharding import Sharder
-from ipc.codec import Kind, Message, Priority, encode, pack_payload, parse_kind, parse_priority
+from ipc.codec import Kind, Priority, pack_payload, parse_kind, parse_priority
 from ipc.records import DeadLetter, FrameDone, Redelivered, Reply, decode_records
 from ipc.ring import RingConsumer, RingProducer
 from ipc.shard import LANES, EngineWakeups, ShardMemory
@@ -39,6 +39,55 @@ _KINDS: dict[object, Kind] = {k.name.lower(): k for k in Kind} | {k: k for k in 
 monotonic_ns = time.monotonic_ns
 _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
+
+
+class Outgoing(NamedTuple):
+    """A validated, encoded message on its way to a lane buffer."""
+
+    id: int
+    recipient: str
+    lane: int
+    data: bytes
+
+
+_encode = msgspec.msgpack.Encoder().encode
+_EMPTY: dict[str, str] = {}
+
+
+def _checked_extras(
+    sender: object,
+    reply_to: object,
+    dedup_key: object,
+    correlation_id: object,
+    tags: Iterable[str],
+    metadata: dict[str, str] | None,
+) -> tuple[tuple[str, ...], dict[str, str]]:
+    """Type-check the optional fields here, so a bad one never poisons a worker's batch."""
+    for name, value in (("sender", sender), ("reply_to", reply_to), ("dedup_key", dedup_key)):
+        if type(value) is not str:
+            raise ValueError(f"{name} must be a string, got {value!r}")
+    if type(correlation_id) is not int or not 0 <= correlation_id < 1 << 63:
+        raise ValueError(f"correlation_id must be an integer in [0, 2**63), got {correlation_id!r}")
+    tag_tuple = tuple(tags)
+    if not all(type(t) is str for t in tag_tuple):
+        raise ValueError(f"tags must be strings, got {tag_tuple!r}")
+    meta = dict(metadata or {})
+    if not all(type(k) is str and type(v) is str for k, v in meta.items()):
+        raise ValueError(f"metadata must map strings to strings, got {meta!r}")
+    return tag_tuple, meta
+
+
+def _frames(items: list[bytes], size: int, max_bytes: int) -> list[bytes]:
+    """Pack encoded messages into batch frames of at most ``size`` items and ``max_bytes``."""
+    frames: list[bytes] = []
+    start, total = 0, 5
+    for i, item in enumerate(items):
+        if i > start and (i - start >= size or total + len(item) > max_bytes):
+            frames.append(array_header(i - start) + b"".join(items[start:i]))
+            start, total = i, 5
+        total += len(item)
+    frames.append(array_header(len(items) - start) + b"".join(items[start:]))
+    return frames
 
 
 def array_header(n: int) -> bytes:
@@ -58,6 +107,9 @@ class Dispatcher:
         self.shards = shards
         self.wakeups = wakeups
         self.shard_of = Sharder(len(shards))
+        # A frame holds a batch; the largest frame a lane ring takes, minus its array header.
+        self.max_frame_bytes = shards[0].lanes[0].max_payload
+        self.max_message_bytes = self.max_frame_bytes - 5
         self.producers: list[list[RingProducer]] = [s.lane_producers() for s in shards]
         self.returns: list[RingConsumer] = [s.return_consumer() for s in shards]
         self.buffers: list[list[list[bytes]]] = [[[] for _ in range(LANES)] for _ in shards]
@@ -104,8 +156,12 @@ class Dispatcher:
         tags: Iterable[str] = (),
         metadata: dict[str, str] | None = None,
         dedup_key: str = "",
-    ) -> Message:
-        """Validate the caller's arguments and make the Message (the submit hot path)."""
+    ) -> Outgoing:
+        """Validate the caller's arguments and encode the message once (the submit hot path).
+
+        The encoded form is a plain tuple in Message's field order, which msgspec
+        encodes to exactly the bytes of the array-like Message, without building one.
+        """
         if type(recipient) is not str or not recipient:
             raise ValueError(f"recipient must be a non-empty string, got {recipient!r}")
         prio = _PRIORITIES.get(priority)
@@ -116,82 +172,84 @@ class Dispatcher:
             knd = parse_kind(kind)
         if ttl is None:
             ttl = self.config.default_ttl_s
-        elif not (isinstance(ttl, int | float) and ttl >= 0):
+        elif type(ttl) not in (int, float) or not ttl >= 0:
             raise ValueError(f"ttl must be a number of seconds >= 0, got {ttl!r}")
+        if tags or metadata or sender or reply_to or dedup_key or correlation_id:
+            tags, metadata = _checked_extras(
+                sender, reply_to, dedup_key, correlation_id, tags, metadata
+            )
         raw = payload if type(payload) is msgspec.Raw else pack_payload(payload)
         created = monotonic_ns()
-        return Message(
-            next(self.ids),
-            recipient,
-            sender,
-            knd,
-            prio,
-            raw,
-            created,
-            created + int(ttl * 1e9) if ttl else 0,
-            0,
-            correlation_id,
-            reply_to,
-            tags if type(tags) is tuple else tuple(tags),
-            {} if metadata is None else dict(metadata),
-            dedup_key,
-        )
+        mid = next(self.ids)
+        data = _encode(
+            (mid, recipient, sender, knd, prio, raw, created,
+             created + int(ttl * 1e9) if ttl else 0, 0, correlation_id, reply_to,
+             tags, metadata or _EMPTY, dedup_key)
+        )  # fmt: skip
+        if len(data) > self.max_message_bytes:
+            raise FrameTooLargeError(
+                f"message to {recipient!r} encodes to {len(data):,} bytes; a ring of "
+                f"ENGINE_RING_BYTES={self.config.ring_bytes:,} carries at most "
+                f"{self.max_message_bytes:,} per message"
+            )
+        return Outgoing(mid, recipient, prio, data)
 
-    def _append(self, msg: Message) -> list[bytes]:
+    def _append(self, out: Outgoing) -> list[bytes]:
         if self.closed:
             raise EngineClosed("the engine is not running; submit inside `async with Engine(...)`")
-        buf = self.buffers[self.shard_of(msg.recipient)][msg.priority]
-        buf.append(encode(msg))
+        buf = self.buffers[self.shard_of(out.recipient)][out.lane]
+        buf.append(out.data)
         self.counts["submitted"] += 1
-        self.lane_submitted[msg.priority] += 1
+        self.lane_submitted[out.lane] += 1
         return buf
 
-    async def enqueue(self, msg: Message) -> None:
-        buf = self._append(msg)
+    async def enqueue(self, out: Outgoing) -> None:
+        buf = self._append(out)
         if len(buf) >= self.config.batch_size:
             await self.flush(buf)
         else:
             self._schedule_flush()
 
-    async def enqueue_many(self, msgs: Iterable[Message]) -> None:
+    async def enqueue_many(self, outs: Iterable[Outgoing]) -> None:
         """Queue many messages; only full batches are written on the way (fewer, fuller frames)."""
         size = self.config.batch_size
-        for msg in msgs:
-            buf = self._append(msg)
+        for out in outs:
+            buf = self._append(out)
             if len(buf) >= size:
                 await self.flush(buf)
         self._schedule_flush()
 
-    def enqueue_nowait(self, msg: Message) -> None:
-        shard = self.shard_of(msg.recipient)
-        buf = self.buffers[shard][msg.priority]
-        if len(buf) + 1 >= self.config.batch_size:
-            producer = self.producers[shard][msg.priority]
-            if self.flush_lock.locked():
-                # A flush is waiting for ring space: writing past it would reorder.
-                raise QueueFull(
-                    f"lane {msg.priority.name.lower()} of worker {shard} is full "
-                    f"({len(buf)} messages waiting for ring space)"
-                )
-            frame = array_header(len(buf) + 1) + b"".join(buf) + encode(msg)
-            try:
-                producer.write_nowait([frame])
-            except QueueFull as exc:
-                raise QueueFull(
-                    f"lane {msg.priority.name.lower()} of worker {shard} is full "
-                    f"({len(buf) + 1} messages waiting, {producer.ring.used_bytes():,} of "
-                    f"{producer.ring.capacity:,} ring bytes in use): {exc}"
-                ) from None
-            self._account(msg)
-            buf.clear()
-            self.counts["batches"] += 1
+    def enqueue_nowait(self, out: Outgoing) -> None:
+        """Queue one message now, or raise QueueFull and queue nothing."""
+        if self.closed:
+            raise EngineClosed("the engine is not running; submit inside `async with Engine(...)`")
+        shard = self.shard_of(out.recipient)
+        buf = self.buffers[shard][out.lane]
+        if len(buf) + 1 < self.config.batch_size:
+            self._append(out)
+            self._schedule_flush()
             return
-        self._append(msg)
-        self._schedule_flush()
-
-    def _account(self, msg: Message) -> None:
+        lane_name = Priority(out.lane).name.lower()
+        producer = self.producers[shard][out.lane]
+        if self.flush_lock.locked():
+            # A flush is waiting for ring space: writing past it would reorder.
+            raise QueueFull(
+                f"lane {lane_name} of worker {shard} is full "
+                f"({len(buf)} messages waiting for ring space)"
+            )
+        frames = _frames([*buf, out.data], self.config.batch_size, self.max_frame_bytes)
+        try:
+            producer.write_nowait(frames)
+        except QueueFull:
+            raise QueueFull(
+                f"lane {lane_name} of worker {shard} is full ({len(buf) + 1} messages "
+                f"waiting, {producer.ring.used_bytes():,} of {producer.ring.capacity:,} "
+                f"ring bytes in use)"
+            ) from None
+        buf.clear()
         self.counts["submitted"] += 1
-        self.lane_submitted[msg.priority] += 1
+        self.lane_submitted[out.lane] += 1
+        self.counts["batches"] += len(frames)
 
     def _schedule_flush(self) -> None:
         if not self.pending_flush:
@@ -221,11 +279,11 @@ class Dispatcher:
                     if only is not None and buf is not only:
                         continue
                     while len(buf) >= (size if only is not None else 1):
-                        n = min(len(buf), size)
-                        frame = array_header(n) + b"".join(buf[:n])
-                        del buf[:n]
-                        await self.producers[shard][lane].write_async([frame])
-                        self.counts["batches"] += 1
+                        items = buf[:size]
+                        del buf[:size]
+                        frames = _frames(items, size, self.max_frame_bytes)
+                        await self.producers[shard][lane].write_async(frames)
+                        self.counts["batches"] += len(frames)
 
     # -- return rings -----------------------------------------------------------
     def on_returns(self) -> None:

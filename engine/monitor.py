@@ -81,6 +81,7 @@ class WorkerSlot:
     last_beat_at: float = 0.0
     lane_crashes: list[int] = field(default_factory=lambda: [0] * LANES)
     last_committed: tuple[int, ...] = ()
+    last_fetched: tuple[int, ...] = ()
     quarantine: set[tuple[int, int, int]] = field(default_factory=set)
     boot_failures: int = 0
     respawn_at: float = 0.0
@@ -207,7 +208,7 @@ class Monitor:
         if code == 0:
             # A requested exit (reload, recycle): not a crash, history starts over.
             slot.lane_crashes = [0] * LANES
-            slot.last_committed = ()
+            slot.last_committed = slot.last_fetched = ()
             slot.plan = WorkerPlan(quarantine=set(slot.quarantine))
         else:
             self.count_crash(slot)
@@ -216,11 +217,16 @@ class Monitor:
     def count_crash(self, slot: WorkerSlot) -> None:
         shard = slot.shard
         committed = shard.committed()
+        fetched = tuple(r.read_pos for r in shard.lanes)
         for lane, ring in enumerate(shard.lanes):
             pending = ring.write_pos > committed[lane]
-            same = bool(slot.last_committed) and slot.last_committed[lane] == committed[lane]
+            # "The same crash again": since the last crash the lane settled nothing
+            # beyond what the crashed worker had fetched, so the culprit is still
+            # among those messages (settling some of them does not clear suspicion).
+            same = bool(slot.last_committed) and committed[lane] <= slot.last_fetched[lane]
             slot.lane_crashes[lane] = (slot.lane_crashes[lane] + 1 if same else 1) if pending else 0
         slot.last_committed = committed
+        slot.last_fetched = fetched
         idx = shard.slot_idx
         limit = self.config.poison_max_crashes
         crashes = max(slot.lane_crashes)

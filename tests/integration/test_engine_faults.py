@@ -306,7 +306,9 @@ def test_sigkill_worker_mid_stream_loses_nothing(faults_dir: Path) -> None:
     assert worker(s, 1 - VICTIM)["restarts"] == 0, s["workers"]
     assert gone(facts["old_pid"])
     assert order == [], f"per-recipient order broken: {order[:5]}"
-    assert s["redelivered"] > 0, s
+    # Redelivery happens only if the kill lands while the victim holds fetched but
+    # unsettled frames; a fast worker is often idle with everything committed, so
+    # redelivered may be 0. Every duplicate must be counted, though.
     assert dups <= s["redelivered"], (dups, s["redelivered"])
     # Only the killed worker's shard may repeat anything.
     counts = Counter((r["r"], r["seq"]) for r in records)
