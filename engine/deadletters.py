@@ -32,11 +32,15 @@ class DeadLetterStore:
         self._file: IO[bytes] | None = open(path, "ab") if path else None  # noqa: SIM115
         self._encoder = msgspec.json.Encoder()
         self.dropped = 0
+        self._anonymous = 0
 
     def add(self, dl: DeadLetter) -> bool:
         """Store ``dl``; False if this message id was already dead-lettered."""
         mid = dl.message.id
-        if mid in self._items:
+        if mid == 0:  # an undecodable message has no id: keep every one
+            self._anonymous -= 1
+            mid = self._anonymous
+        elif mid in self._items:
             return False
         self._items[mid] = dl
         if len(self._items) > self.limit:

@@ -174,7 +174,14 @@ class Dispatcher:
             ttl = self.config.default_ttl_s
         elif type(ttl) not in (int, float) or not ttl >= 0:
             raise ValueError(f"ttl must be a number of seconds >= 0, got {ttl!r}")
-        if tags or metadata or sender or reply_to or dedup_key or correlation_id:
+        if not (
+            tags == ()
+            and metadata is None
+            and type(sender) is str
+            and type(reply_to) is str
+            and type(dedup_key) is str
+            and type(correlation_id) is int
+        ):
             tags, metadata = _checked_extras(
                 sender, reply_to, dedup_key, correlation_id, tags, metadata
             )

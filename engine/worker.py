@@ -36,9 +36,9 @@ from engine.delivery import (
     RecipientLane,
     backoff_s,
 )
-from engine.errors import EngineError, Reject, Retry
+from engine.errors import CodecError, EngineError, Reject, Retry
 from engine.sinks import Sink
-from ipc.codec import Kind, Message, decode_batch
+from ipc.codec import Kind, Message, decode, decode_batch
 from ipc.control import Histogram, StatsSnapshot, WorkerFailed, WorkerReady, send_control
 from ipc.records import DeadLetter, FrameDone, Redelivered, Reply, ReturnRecord, encode_records
 from ipc.ring import RingConsumer, RingProducer
@@ -157,9 +157,18 @@ class Worker:
         return True
 
     def _accept(self, lane: int, frame: bytes, end: int) -> int:
-        msgs = decode_batch(frame)
-        track = FrameTrack(lane, end, len(msgs))
+        try:
+            msgs = decode_batch(frame)
+            bad: list[tuple[int, str]] = []
+        except CodecError:
+            msgs, bad = _salvage(frame)
+        track = FrameTrack(lane, end, len(msgs) + len(bad))
         self.frames[lane].append(track)
+        for index, error in bad:
+            # Never crash on a frame (it would come back after every respawn): the
+            # undecodable message is dead-lettered and its neighbours delivered.
+            self.unsettled += 1
+            self.dead_letter(Pending(Message(id=0, recipient=""), track, index), "malformed", error)
         self.counters["batches"] += 1
         self.counters["fetched"] += len(msgs)
         redelivery = end <= self.redeliver_until[lane]
@@ -615,6 +624,22 @@ class Worker:
 
 
 _SETTLED = object()
+
+
+def _salvage(frame: bytes) -> tuple[list[Message], list[tuple[int, str]]]:
+    """Decode a batch message by message: the good ones, and (index, error) for the rest."""
+    try:
+        items = msgspec.msgpack.decode(frame, type=list[msgspec.Raw])
+    except (msgspec.DecodeError, ValueError) as exc:
+        return [], [(0, f"undecodable frame of {len(frame)} bytes: {exc}")]
+    good: list[Message] = []
+    bad: list[tuple[int, str]] = []
+    for i, item in enumerate(items):
+        try:
+            good.append(decode(item))
+        except CodecError as exc:
+            bad.append((i, str(exc)))
+    return good, bad
 
 
 class WorkerCrashed(EngineError):
