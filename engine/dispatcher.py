@@ -41,6 +41,20 @@ _U16 = struct.Struct(">H")
 _U32 = struct.Struct(">I")
 
 
+class Options(NamedTuple):
+    """Validated options shared by the messages of one submit call."""
+
+    priority: Priority
+    kind: Kind
+    ttl_ns: int
+    sender: str
+    correlation_id: int
+    reply_to: str
+    tags: tuple[str, ...]
+    metadata: dict[str, str]
+    dedup_key: str
+
+
 class Outgoing(NamedTuple):
     """A validated, encoded message on its way to a lane buffer."""
 
@@ -142,10 +156,8 @@ class Dispatcher:
         self.loop.add_reader(wakeups.return_ready.fd, self.on_returns)
 
     # -- building and queueing ---------------------------------------------------
-    def build(
+    def options(
         self,
-        recipient: str,
-        payload: Any,
         *,
         priority: str | int | Priority = Priority.NORMAL,
         ttl: float | None = None,
@@ -156,14 +168,8 @@ class Dispatcher:
         tags: Iterable[str] = (),
         metadata: dict[str, str] | None = None,
         dedup_key: str = "",
-    ) -> Outgoing:
-        """Validate the caller's arguments and encode the message once (the submit hot path).
-
-        The encoded form is a plain tuple in Message's field order, which msgspec
-        encodes to exactly the bytes of the array-like Message, without building one.
-        """
-        if type(recipient) is not str or not recipient:
-            raise ValueError(f"recipient must be a non-empty string, got {recipient!r}")
+    ) -> Options:
+        """Validate the per-message options once (a batch shares them)."""
         prio = _PRIORITIES.get(priority)
         if prio is None or type(priority) is bool:
             prio = parse_priority(priority)
@@ -185,21 +191,40 @@ class Dispatcher:
             tags, metadata = _checked_extras(
                 sender, reply_to, dedup_key, correlation_id, tags, metadata
             )
-        raw = payload if type(payload) is msgspec.Raw else pack_payload(payload)
-        created = monotonic_ns()
-        mid = next(self.ids)
-        data = _encode(
-            (mid, recipient, sender, knd, prio, raw, created,
-             created + int(ttl * 1e9) if ttl else 0, 0, correlation_id, reply_to,
-             tags, metadata or _EMPTY, dedup_key)
-        )  # fmt: skip
-        if len(data) > self.max_message_bytes:
-            raise FrameTooLargeError(
-                f"message to {recipient!r} encodes to {len(data):,} bytes; a ring of "
-                f"ENGINE_RING_BYTES={self.config.ring_bytes:,} carries at most "
-                f"{self.max_message_bytes:,} per message"
-            )
-        return Outgoing(mid, recipient, prio, data)
+        return Options(prio, knd, int(ttl * 1e9), sender, correlation_id, reply_to,
+                       tuple(tags), metadata or _EMPTY, dedup_key)  # fmt: skip
+
+    def build(self, recipient: str, payload: Any, **options: Any) -> Outgoing:
+        """Validate and encode one message (see ``build_many``)."""
+        return self.build_many(((recipient, payload),), self.options(**options))[0]
+
+    def build_many(self, items: Iterable[tuple[str, Any]], opts: Options) -> list[Outgoing]:
+        """Encode messages that share ``opts``; all or nothing (raises before any is queued).
+
+        The encoded form is a plain tuple in Message's field order, which msgspec
+        encodes to exactly the bytes of the array-like Message, without building one.
+        """
+        prio, knd, ttl_ns, sender, cid, reply_to, tags, meta, dedup = opts
+        ids, enc, limit = self.ids, _encode, self.max_message_bytes
+        out: list[Outgoing] = []
+        for recipient, payload in items:
+            if type(recipient) is not str or not recipient:
+                raise ValueError(f"recipient must be a non-empty string, got {recipient!r}")
+            raw = payload if type(payload) is msgspec.Raw else pack_payload(payload)
+            created = monotonic_ns()
+            mid = next(ids)
+            data = enc(
+                (mid, recipient, sender, knd, prio, raw, created,
+                 created + ttl_ns if ttl_ns else 0, 0, cid, reply_to, tags, meta, dedup)
+            )  # fmt: skip
+            if len(data) > limit:
+                raise FrameTooLargeError(
+                    f"message to {recipient!r} encodes to {len(data):,} bytes; a ring of "
+                    f"ENGINE_RING_BYTES={self.config.ring_bytes:,} carries at most "
+                    f"{limit:,} per message"
+                )
+            out.append(Outgoing(mid, recipient, prio, data))
+        return out
 
     def _append(self, out: Outgoing) -> list[bytes]:
         if self.closed:
@@ -217,11 +242,17 @@ class Dispatcher:
         else:
             self._schedule_flush()
 
-    async def enqueue_many(self, outs: Iterable[Outgoing]) -> None:
+    async def enqueue_many(self, outs: list[Outgoing]) -> None:
         """Queue many messages; only full batches are written on the way (fewer, fuller frames)."""
+        if self.closed:
+            raise EngineClosed("the engine is not running; submit inside `async with Engine(...)`")
         size = self.config.batch_size
-        for out in outs:
-            buf = self._append(out)
+        buffers, shard_of, lane_submitted = self.buffers, self.shard_of, self.lane_submitted
+        self.counts["submitted"] += len(outs)
+        for _, recipient, lane, data in outs:
+            buf = buffers[shard_of(recipient)][lane]
+            buf.append(data)
+            lane_submitted[lane] += 1
             if len(buf) >= size:
                 await self.flush(buf)
         self._schedule_flush()

@@ -243,7 +243,7 @@ class Engine:
     async def submit_many(self, items: Iterable[tuple[str, Any]], **options: Any) -> list[int]:
         """Queue many (recipient, payload) pairs with the same options; returns their ids."""
         d = self._dispatcher()
-        msgs = [d.build(recipient, payload, **options) for recipient, payload in items]
+        msgs = d.build_many(items, d.options(**options))
         await d.enqueue_many(msgs)
         return [m.id for m in msgs]
 
