@@ -55,13 +55,8 @@ class Options(NamedTuple):
     dedup_key: str
 
 
-class Outgoing(NamedTuple):
-    """A validated, encoded message on its way to a lane buffer."""
-
-    id: int
-    recipient: str
-    lane: int
-    data: bytes
+Outgoing = tuple[int, str, int, bytes]
+"""A validated, encoded message: (id, recipient, lane, data); a plain tuple, cheap to make."""
 
 
 _encode = msgspec.msgpack.Encoder().encode
@@ -154,6 +149,7 @@ class Dispatcher:
         self.closed = False
         self.loop = asyncio.get_running_loop()
         self.loop.add_reader(wakeups.return_ready.fd, self.on_returns)
+        self.default_options = self.options()
 
     # -- building and queueing ---------------------------------------------------
     def options(
@@ -196,7 +192,8 @@ class Dispatcher:
 
     def build(self, recipient: str, payload: Any, **options: Any) -> Outgoing:
         """Validate and encode one message (see ``build_many``)."""
-        return self.build_many(((recipient, payload),), self.options(**options))[0]
+        opts = self.options(**options) if options else self.default_options
+        return self.build_many(((recipient, payload),), opts)[0]
 
     def build_many(self, items: Iterable[tuple[str, Any]], opts: Options) -> list[Outgoing]:
         """Encode messages that share ``opts``; all or nothing (raises before any is queued).
@@ -223,16 +220,17 @@ class Dispatcher:
                     f"ENGINE_RING_BYTES={self.config.ring_bytes:,} carries at most "
                     f"{limit:,} per message"
                 )
-            out.append(Outgoing(mid, recipient, prio, data))
+            out.append((mid, recipient, prio, data))
         return out
 
     def _append(self, out: Outgoing) -> list[bytes]:
         if self.closed:
             raise EngineClosed("the engine is not running; submit inside `async with Engine(...)`")
-        buf = self.buffers[self.shard_of(out.recipient)][out.lane]
-        buf.append(out.data)
+        _, recipient, lane, data = out
+        buf = self.buffers[self.shard_of(recipient)][lane]
+        buf.append(data)
         self.counts["submitted"] += 1
-        self.lane_submitted[out.lane] += 1
+        self.lane_submitted[lane] += 1
         return buf
 
     async def enqueue(self, out: Outgoing) -> None:
@@ -248,9 +246,11 @@ class Dispatcher:
             raise EngineClosed("the engine is not running; submit inside `async with Engine(...)`")
         size = self.config.batch_size
         buffers, shard_of, lane_submitted = self.buffers, self.shard_of, self.lane_submitted
+        cached = shard_of.cache.get
         self.counts["submitted"] += len(outs)
         for _, recipient, lane, data in outs:
-            buf = buffers[shard_of(recipient)][lane]
+            shard = cached(recipient)
+            buf = buffers[shard_of(recipient) if shard is None else shard][lane]
             buf.append(data)
             lane_submitted[lane] += 1
             if len(buf) >= size:
@@ -261,21 +261,22 @@ class Dispatcher:
         """Queue one message now, or raise QueueFull and queue nothing."""
         if self.closed:
             raise EngineClosed("the engine is not running; submit inside `async with Engine(...)`")
-        shard = self.shard_of(out.recipient)
-        buf = self.buffers[shard][out.lane]
+        _, recipient, lane, data = out
+        shard = self.shard_of(recipient)
+        buf = self.buffers[shard][lane]
         if len(buf) + 1 < self.config.batch_size:
             self._append(out)
             self._schedule_flush()
             return
-        lane_name = Priority(out.lane).name.lower()
-        producer = self.producers[shard][out.lane]
+        lane_name = Priority(lane).name.lower()
+        producer = self.producers[shard][lane]
         if self.flush_lock.locked():
             # A flush is waiting for ring space: writing past it would reorder.
             raise QueueFull(
                 f"lane {lane_name} of worker {shard} is full "
                 f"({len(buf)} messages waiting for ring space)"
             )
-        frames = _frames([*buf, out.data], self.config.batch_size, self.max_frame_bytes)
+        frames = _frames([*buf, data], self.config.batch_size, self.max_frame_bytes)
         try:
             producer.write_nowait(frames)
         except QueueFull:
@@ -286,7 +287,7 @@ class Dispatcher:
             ) from None
         buf.clear()
         self.counts["submitted"] += 1
-        self.lane_submitted[out.lane] += 1
+        self.lane_submitted[lane] += 1
         self.counts["batches"] += len(frames)
 
     def _schedule_flush(self) -> None:

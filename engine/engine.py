@@ -229,23 +229,23 @@ class Engine:
     async def submit(self, recipient: str, payload: Any = None, **options: Any) -> int:
         """Queue one message; waits while its lane is full.  Returns the message id."""
         d = self._dispatcher()
-        msg = d.build(recipient, payload, **options)
-        await d.enqueue(msg)
-        return msg.id
+        out = d.build(recipient, payload, **options)
+        await d.enqueue(out)
+        return out[0]
 
     def submit_nowait(self, recipient: str, payload: Any = None, **options: Any) -> int:
         """Queue one message or raise QueueFull at once (nothing is queued then)."""
         d = self._dispatcher()
-        msg = d.build(recipient, payload, **options)
-        d.enqueue_nowait(msg)
-        return msg.id
+        out = d.build(recipient, payload, **options)
+        d.enqueue_nowait(out)
+        return out[0]
 
     async def submit_many(self, items: Iterable[tuple[str, Any]], **options: Any) -> list[int]:
         """Queue many (recipient, payload) pairs with the same options; returns their ids."""
         d = self._dispatcher()
         msgs = d.build_many(items, d.options(**options))
         await d.enqueue_many(msgs)
-        return [m.id for m in msgs]
+        return [m[0] for m in msgs]
 
     async def request(
         self, recipient: str, payload: Any = None, *, timeout: float = 30.0, **options: Any
@@ -264,7 +264,7 @@ class Engine:
             return await asyncio.wait_for(fut, timeout)
         except TimeoutError:
             raise RequestTimeout(
-                f"no reply from {recipient!r} within {timeout}s (message {msg.id})"
+                f"no reply from {recipient!r} within {timeout}s (message {msg[0]})"
             ) from None
         finally:
             d.futures.pop(cid, None)

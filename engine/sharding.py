@@ -14,21 +14,21 @@ _CACHE_MAX = 1 << 20
 class Sharder:
     """Maps recipients to shards with crc32, caching recent answers."""
 
-    __slots__ = ("_cache", "shards")
+    __slots__ = ("cache", "shards")
 
     def __init__(self, shards: int) -> None:
         if shards < 1:
             raise ValueError(f"shards must be >= 1, got {shards}")
         self.shards = shards
-        self._cache: dict[str, int] = {}
+        self.cache: dict[str, int] = {}
 
     def __call__(self, recipient: str) -> int:
-        shard = self._cache.get(recipient)
+        shard = self.cache.get(recipient)
         if shard is None:
             shard = stable_shard(recipient, self.shards)
-            if len(self._cache) >= _CACHE_MAX:
-                self._cache.clear()  # bounded memory with millions of recipients
-            self._cache[recipient] = shard
+            if len(self.cache) >= _CACHE_MAX:
+                self.cache.clear()  # bounded memory with millions of recipients
+            self.cache[recipient] = shard
         return shard
 
 

@@ -562,6 +562,7 @@ class Worker:
     async def heartbeat(self, send: Callable[[Any], None]) -> None:
         ring = self.shard.lanes[0]
         stats_every = self.config.stats_interval_s
+        tick = min(self.config.heartbeat_interval_s, stats_every)  # neither runs late
         next_stats = 0.0
         while True:
             ring.beat()
@@ -569,7 +570,7 @@ class Worker:
             if now >= next_stats:
                 next_stats = now + stats_every
                 send(self.snapshot())
-            await asyncio.sleep(self.config.heartbeat_interval_s)
+            await asyncio.sleep(tick)
 
     def snapshot(self) -> StatsSnapshot:
         return StatsSnapshot(

@@ -78,8 +78,8 @@ def test_malformed_message_inside_a_frame_is_dead_lettered_not_fatal() -> None:
         async with Engine(None, _config(stats_interval_s=0.1)) as eng:
             d = eng.dispatcher
             assert d is not None
-            good = [d.build(f"Agent-{i}", {"i": i}).data for i in range(2)]
-            bad = d.build("Agent-x", {"x": 1}).data[:-1] + b"\x01"  # dedup_key not a str
+            good = [d.build(f"Agent-{i}", {"i": i})[3] for i in range(2)]
+            bad = d.build("Agent-x", {"x": 1})[3][:-1] + b"\x01"  # dedup_key not a str
             frame = array_header(3) + good[0] + bad + good[1]
             d.producers[0][Priority.NORMAL].write([frame])
             d.counts["submitted"] += 3  # written behind the dispatcher's back: account here
