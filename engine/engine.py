@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import os
 import signal
 import threading
@@ -41,6 +42,7 @@ from ipc.shm import check_shm_space, new_engine_prefix, sweep_stale_segments
 T = TypeVar("T")
 Handler = str | Callable[[Message], Any] | None
 MONITOR_RESTART_LIMIT = 5
+SUBMIT_CHUNK = 4096  # submit_many validates and queues this many at a time
 
 
 class Engine:
@@ -243,9 +245,21 @@ class Engine:
     async def submit_many(self, items: Iterable[tuple[str, Any]], **options: Any) -> list[int]:
         """Queue many (recipient, payload) pairs with the same options; returns their ids."""
         d = self._dispatcher()
-        msgs = d.build_many(items, d.options(**options))
-        await d.enqueue_many(msgs)
-        return [m[0] for m in msgs]
+        opts = d.options(**options) if options else d.default_options
+        ids: list[int] = []
+        it = iter(items)
+        # Chunks keep the workers busy while later items are still being encoded.
+        while chunk := list(itertools.islice(it, SUBMIT_CHUNK)):
+            try:
+                outs = d.build_many(chunk, opts)
+            except (ValueError, EngineError) as exc:
+                raise type(exc)(
+                    f"{exc} (item {len(ids)} or later; the {len(ids)} items before "
+                    f"this chunk of {len(chunk)} were queued, none after)"
+                ) from exc
+            await d.enqueue_many(outs)
+            ids.extend(m[0] for m in outs)
+        return ids
 
     async def request(
         self, recipient: str, payload: Any = None, *, timeout: float = 30.0, **options: Any

@@ -93,3 +93,19 @@ def test_malformed_message_inside_a_frame_is_dead_lettered_not_fatal() -> None:
     assert [d.reason for d in dead] == ["malformed"]
     assert "dedup_key" in dead[0].error
     assert s["workers"][0]["restarts"] == 0
+
+
+def test_submit_many_reports_how_much_was_queued_before_a_bad_item() -> None:
+    from engine.engine import SUBMIT_CHUNK
+
+    async def go() -> dict[str, Any]:
+        async with Engine(None, _config()) as eng:
+            items: list[tuple[Any, Any]] = [(f"Agent-{i % 7}", i) for i in range(SUBMIT_CHUNK + 10)]
+            items[SUBMIT_CHUNK + 3] = ("", "bad")
+            with pytest.raises(ValueError, match=f"the {SUBMIT_CHUNK} items before"):
+                await eng.submit_many(items)
+            assert await eng.drain(30)
+            return eng.stats()
+
+    s = asyncio.run(go())
+    assert (s["submitted"], s["delivered"]) == (SUBMIT_CHUNK, SUBMIT_CHUNK)
