@@ -57,6 +57,17 @@ from ipc.shard import (
 EXIT_BOOT_FAILED = 3
 FRAMES_PER_ROUND = 4  # frames fetched (and, for sync sinks, delivered) between yields
 monotonic_ns = time.monotonic_ns
+_LANE_RANGE = range(LANES)
+_OUTCOMES = ("delivered", "dead_lettered", "expired")
+
+
+async def _probe() -> None:
+    return None
+
+
+_coro = _probe()
+_Coroutine = type(_coro)
+_coro.close()
 RECORDS_PER_FRAME = 512
 _encoder = msgspec.msgpack.Encoder()
 _NIL = msgspec.Raw(b"\xc0")
@@ -266,23 +277,19 @@ class Worker:
         """Retries first, then the highest ready lane, with the starvation guard."""
         if self.due:
             return self.due.popleft()
-        chosen = -1
-        for lane in range(LANES):
-            if self.ready[lane]:
-                chosen = lane
-                break
-        if chosen < 0:
+        ready = self.ready
+        nonempty = [lane for lane in _LANE_RANGE if ready[lane]]
+        if not nonempty:
             return None
-        if self.higher_streak >= self.config.starvation_limit:
-            for lane in range(LANES - 1, chosen, -1):
-                if self.ready[lane]:
-                    chosen = lane
-                    break
+        chosen = nonempty[0]
+        if len(nonempty) == 1:
+            self.higher_streak = 0
+        elif self.higher_streak >= self.config.starvation_limit:
+            chosen = nonempty[-1]  # the lowest waiting lane gets its turn
             self.higher_streak = 0
         else:
-            lower_waiting = any(self.ready[lane] for lane in range(chosen + 1, LANES))
-            self.higher_streak = self.higher_streak + 1 if lower_waiting else 0
-        st = self.ready[chosen].popleft()
+            self.higher_streak += 1
+        st = ready[chosen].popleft()
         st.avail -= 1
         p = st.queue.popleft()
         st.busy += 1
@@ -381,7 +388,7 @@ class Worker:
         track = p.frame
         track.counts[outcome] += 1
         track.remaining -= 1
-        self.counters[("delivered", "dead_lettered", "expired")[outcome]] += 1
+        self.counters[_OUTCOMES[outcome]] += 1
         if p.msg.created_ns:
             self.lat_settle.record(now - p.msg.created_ns)
         self.unsettled -= 1
@@ -508,7 +515,7 @@ class Worker:
             slot[0] = started + self.timeout_ns
             try:
                 result = deliver(p.msg)
-                if inspect.isawaitable(result):
+                if type(result) is _Coroutine or inspect.isawaitable(result):
                     result = await result
             except asyncio.CancelledError:
                 if slot[1] != 1:
@@ -537,6 +544,8 @@ class Worker:
             self.careful_left -= 1
 
     def _unmark(self) -> None:
+        if not self.plan.careful:
+            return
         self.shard.slot_idx[SLOT_ACTIVE] = 0
         if self.is_async and self.careful_left == 0 and len(self.slots) == 1 and self.plan.careful:
             self.plan.careful = False
