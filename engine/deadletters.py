@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 from typing import IO, Any
 
 import msgspec
 
 from ipc.records import DeadLetter
+
+log = logging.getLogger("engine.deadletters")
 
 
 class DeadLetterView(msgspec.Struct, frozen=True):
@@ -32,6 +35,8 @@ class DeadLetterStore:
         self._file: IO[bytes] | None = open(path, "ab") if path else None  # noqa: SIM115
         self._encoder = msgspec.json.Encoder()
         self.dropped = 0
+        self.file_errors = 0
+        self.path = path
         self._anonymous = 0
 
     def add(self, dl: DeadLetter) -> bool:
@@ -47,8 +52,13 @@ class DeadLetterStore:
             self._items.popitem(last=False)
             self.dropped += 1
         if self._file is not None:
-            self._file.write(self._encoder.encode(view(dl)) + b"\n")
-            self._file.flush()
+            try:
+                self._file.write(self._encoder.encode(view(dl)) + b"\n")
+                self._file.flush()
+            except (OSError, TypeError, ValueError, msgspec.EncodeError):
+                # The mirror is best effort: the letter stays in the store and counts.
+                self.file_errors += 1
+                log.exception("cannot append dead letter %d to %s", dl.message.id, self.path)
         return True
 
     def items(self) -> list[DeadLetter]:

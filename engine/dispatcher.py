@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 import struct
 import time
 from collections.abc import Iterable
@@ -25,7 +26,7 @@ import msgspec
 
 from engine.config import Config
 from engine.deadletters import DeadLetterStore
-from engine.errors import EngineClosed, FrameTooLargeError, QueueFull, RequestFailed
+from engine.errors import CodecError, EngineClosed, FrameTooLargeError, QueueFull, RequestFailed
 from engine.sharding import Sharder
 from ipc.codec import Kind, Priority, pack_payload, parse_kind, parse_priority
 from ipc.records import DeadLetter, FrameDone, Redelivered, Reply, decode_records
@@ -37,7 +38,9 @@ _PRIORITIES: dict[object, Priority] = {p.name.lower(): p for p in Priority} | {
 }
 _KINDS: dict[object, Kind] = {k.name.lower(): k for k in Kind} | {k: k for k in Kind}
 monotonic_ns = time.monotonic_ns
+MAX_TTL_S = 31_536_000  # one year, as ENGINE_DEFAULT_TTL_S allows
 _U16 = struct.Struct(">H")
+log = logging.getLogger("engine.dispatcher")
 _U32 = struct.Struct(">I")
 
 
@@ -86,16 +89,27 @@ def _checked_extras(
     return tag_tuple, meta
 
 
-def _frames(items: list[bytes], size: int, max_bytes: int) -> list[bytes]:
-    """Pack encoded messages into batch frames of at most ``size`` items and ``max_bytes``."""
-    frames: list[bytes] = []
+def _check_raw(raw: msgspec.Raw) -> None:
+    try:
+        msgspec.msgpack.decode(raw)
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
+        raise CodecError(f"payload given as msgspec.Raw is not valid msgpack: {exc}") from exc
+
+
+def _frames(items: list[bytes], size: int, max_bytes: int) -> list[tuple[bytes, int]]:
+    """Pack encoded messages into batch frames of at most ``size`` items and ``max_bytes``.
+
+    Returns (frame, number of messages in it) pairs.
+    """
+    frames: list[tuple[bytes, int]] = []
     start, total = 0, 5
     for i, item in enumerate(items):
         if i > start and (i - start >= size or total + len(item) > max_bytes):
-            frames.append(array_header(i - start) + b"".join(items[start:i]))
+            frames.append((array_header(i - start) + b"".join(items[start:i]), i - start))
             start, total = i, 5
         total += len(item)
-    frames.append(array_header(len(items) - start) + b"".join(items[start:]))
+    n = len(items) - start
+    frames.append((array_header(n) + b"".join(items[start:]), n))
     return frames
 
 
@@ -136,6 +150,7 @@ class Dispatcher:
                 "redelivered",
                 "batches",
                 "replies_unmatched",
+                "return_errors",
             ),
             0,
         )
@@ -174,8 +189,8 @@ class Dispatcher:
             knd = parse_kind(kind)
         if ttl is None:
             ttl = self.config.default_ttl_s
-        elif type(ttl) not in (int, float) or not ttl >= 0:
-            raise ValueError(f"ttl must be a number of seconds >= 0, got {ttl!r}")
+        elif type(ttl) not in (int, float) or not 0 <= ttl <= MAX_TTL_S:
+            raise ValueError(f"ttl must be a number of seconds in [0, {MAX_TTL_S}], got {ttl!r}")
         if not (
             tags == ()
             and metadata is None
@@ -207,7 +222,11 @@ class Dispatcher:
         for recipient, payload in items:
             if type(recipient) is not str or not recipient:
                 raise ValueError(f"recipient must be a non-empty string, got {recipient!r}")
-            raw = payload if type(payload) is msgspec.Raw else pack_payload(payload)
+            if type(payload) is msgspec.Raw:
+                _check_raw(payload)  # a bad Raw would spoil its whole batch frame
+                raw = payload
+            else:
+                raw = pack_payload(payload)
             created = monotonic_ns()
             mid = next(ids)
             data = enc(
@@ -276,7 +295,7 @@ class Dispatcher:
                 f"lane {lane_name} of worker {shard} is full "
                 f"({len(buf)} messages waiting for ring space)"
             )
-        frames = _frames([*buf, data], self.config.batch_size, self.max_frame_bytes)
+        frames = [f for f, _ in _frames([*buf, data], self.config.batch_size, self.max_frame_bytes)]
         try:
             producer.write_nowait(frames)
         except QueueFull:
@@ -318,11 +337,11 @@ class Dispatcher:
                     if only is not None and buf is not only:
                         continue
                     while len(buf) >= (size if only is not None else 1):
-                        items = buf[:size]
-                        del buf[:size]
-                        frames = _frames(items, size, self.max_frame_bytes)
-                        await self.producers[shard][lane].write_async(frames)
-                        self.counts["batches"] += len(frames)
+                        frame, n = _frames(buf[:size], size, self.max_frame_bytes)[0]
+                        # Remove only after the write: a cancelled flush loses nothing.
+                        await self.producers[shard][lane].write_async([frame])
+                        del buf[:n]
+                        self.counts["batches"] += 1
 
     # -- return rings -----------------------------------------------------------
     def on_returns(self) -> None:
@@ -332,8 +351,18 @@ class Dispatcher:
             if not frames:
                 continue
             for frame in frames:
-                for rec in decode_records(frame):
-                    self._record(shard, rec)
+                try:
+                    records = decode_records(frame)
+                except CodecError:
+                    self.counts["return_errors"] += 1
+                    log.exception("undecodable return frame from worker %d", shard)
+                    continue
+                for rec in records:
+                    try:
+                        self._record(shard, rec)
+                    except Exception:  # one bad record must not drop the ones after it
+                        self.counts["return_errors"] += 1
+                        log.exception("cannot process a return record from worker %d", shard)
             consumer.commit()
         if self.in_flight() == 0:
             self.settled_event.set()
@@ -366,8 +395,11 @@ class Dispatcher:
 
     async def drain(self, timeout: float | None) -> bool:
         """Wait until every submitted message is settled; False on timeout."""
-        await self.flush()
         deadline = None if timeout is None else time.monotonic() + timeout
+        try:
+            await asyncio.wait_for(self.flush(), timeout)
+        except TimeoutError:
+            return False
         while self.in_flight() > 0:
             self.settled_event.clear()
             remaining = None if deadline is None else deadline - time.monotonic()

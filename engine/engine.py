@@ -269,16 +269,21 @@ class Engine:
             raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
         d = self._dispatcher()
         cid = next(d.ids)
+        options.setdefault("ttl", timeout)
+        out = d.build(recipient, payload, kind=Kind.REQUEST, correlation_id=cid, **options)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         d.futures[cid] = fut
-        options.setdefault("ttl", timeout)
-        msg = d.build(recipient, payload, kind=Kind.REQUEST, correlation_id=cid, **options)
+
+        async def send_and_wait() -> Any:
+            await d.enqueue(out)
+            return await fut
+
         try:
-            await d.enqueue(msg)
-            return await asyncio.wait_for(fut, timeout)
+            # The timeout covers waiting for ring space too, not only the reply.
+            return await asyncio.wait_for(send_and_wait(), timeout)
         except TimeoutError:
             raise RequestTimeout(
-                f"no reply from {recipient!r} within {timeout}s (message {msg[0]})"
+                f"no reply from {recipient!r} within {timeout}s (message {out[0]})"
             ) from None
         finally:
             d.futures.pop(cid, None)

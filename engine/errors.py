@@ -23,8 +23,8 @@ class Retry(EngineError):
     """Raised by a handler to ask for another attempt, after ``after`` seconds if given."""
 
     def __init__(self, after: float | None = None, reason: str = "") -> None:
-        if after is not None and not after >= 0:
-            raise ValueError(f"Retry(after=) must be a number of seconds >= 0, got {after!r}")
+        if after is not None and not 0 <= after <= 86_400:
+            raise ValueError(f"Retry(after=) must be seconds in [0, 86400], got {after!r}")
         self.after = after
         self.reason = reason
         super().__init__(reason or (f"retry after {after}s" if after is not None else "retry"))

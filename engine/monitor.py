@@ -153,7 +153,7 @@ class Monitor:
                         if isinstance(msg, WorkerFailed):
                             self.report_failure(slot.index, msg.error)
                             return False
-                    elif obj == slot.proc.sentinel and not slot.ready:
+                    elif obj == slot.proc.sentinel:
                         msg = self.read(slot) if slot.conn.poll() else None
                         error = (
                             msg.error
@@ -212,7 +212,9 @@ class Monitor:
             slot.plan = WorkerPlan(quarantine=set(slot.quarantine))
         else:
             self.count_crash(slot)
-        slot.respawn_at = now
+        crashes = max(slot.lane_crashes)
+        # Repeated crashes at one place back off (never a respawn storm on 2 cores).
+        slot.respawn_at = now + (min(5.0, 0.05 * 2 ** (crashes - 1)) if crashes > 1 else 0.0)
 
     def count_crash(self, slot: WorkerSlot) -> None:
         shard = slot.shard

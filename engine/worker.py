@@ -135,6 +135,8 @@ class Worker:
         self.lat_settle = Histogram()
         self.wake = asyncio.Event()  # work for runners, or space in the window
         self.flush_wanted = asyncio.Event()
+        self.flush_lock = asyncio.Lock()
+        self.side_tasks: set[asyncio.Task[None]] = set()
         self.careful_left = 0
 
     # -- fetching --------------------------------------------------------------
@@ -247,6 +249,15 @@ class Worker:
                 p.state = st
                 self.fail(p, exc)
                 continue
+            if type(result) is _Coroutine or inspect.isawaitable(result):
+                # A plain function returned an awaitable: finish it in order, holding
+                # the recipient's lane, like a retry.
+                p = Pending(msg, track, i)
+                st = states[msg.recipient] = RecipientLane((lane, msg.recipient))
+                st.busy = 1
+                p.state = st
+                self._spawn(self._finish_awaitable(p, result))
+                continue
             if msg.kind == Kind.REQUEST and msg.correlation_id:
                 self._reply(msg, result)
             delivered += 1
@@ -260,6 +271,19 @@ class Worker:
             self._maybe_commit(track)
         if self.out:
             self.flush_wanted.set()
+
+    async def _finish_awaitable(self, p: Pending, result: Any) -> None:
+        try:
+            value = await result
+        except Exception as exc:
+            self.fail(p, exc)
+        else:
+            self.finish(p, value)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.ensure_future(coro)
+        self.side_tasks.add(task)
+        task.add_done_callback(self.side_tasks.discard)
 
     def _queue(self, p: Pending, lane: int) -> None:
         st = self.lanes[lane].get(p.msg.recipient)
@@ -301,9 +325,11 @@ class Worker:
         msg = p.msg
         now = time.monotonic_ns()
         if msg.expires_ns and now >= msg.expires_ns:
+            self._careful_skip(p)
             self.settle(p, EXPIRED, now)
             return _SETTLED
         if (p.frame.lane, p.frame.end, p.index) in self.plan.quarantine:
+            self._careful_skip(p)
             self.dead_letter(p, "worker_crash", f"worker crashed {self.plan.crashes} times on it")
             return _SETTLED
         if msg.created_ns:
@@ -423,6 +449,11 @@ class Worker:
                 return
 
     async def flush(self) -> None:
+        """Serialised: two concurrent flushes could publish FrameDone out of order."""
+        async with self.flush_lock:
+            await self._flush()
+
+    async def _flush(self) -> None:
         commits: list[tuple[int, int]] = []
         for lane in range(LANES):
             if not self.commit_dirty[lane]:
@@ -439,13 +470,30 @@ class Worker:
                 commits.append((lane, end))
         if self.out:
             records, self.out = self.out, []
-            chunks = [
-                encode_records(records[i : i + RECORDS_PER_FRAME])
-                for i in range(0, len(records), RECORDS_PER_FRAME)
-            ]
-            await self.returns.write_async(chunks)
+            await self.returns.write_async(self._return_frames(records))
         for lane, end in commits:
             self.consumers[lane].commit(end)
+
+    def _return_frames(self, records: list[ReturnRecord]) -> list[bytes]:
+        """Encode records into frames that fit the return ring (by count and by bytes)."""
+        limit = self.returns.ring.max_payload // 2
+        frames: list[bytes] = []
+        chunk: list[ReturnRecord] = []
+        size = 0
+        for original in records:
+            rec = original
+            one = len(encode_records([rec]))
+            if one > limit:
+                rec = _shrunk(rec, one, limit)
+                one = len(encode_records([rec]))
+            if chunk and (len(chunk) >= RECORDS_PER_FRAME or size + one > limit):
+                frames.append(encode_records(chunk))
+                chunk, size = [], 0
+            chunk.append(rec)
+            size += one
+        if chunk:
+            frames.append(encode_records(chunk))
+        return frames
 
     # -- loops -----------------------------------------------------------------
     async def reader(self) -> None:
@@ -517,10 +565,13 @@ class Worker:
                 result = deliver(p.msg)
                 if type(result) is _Coroutine or inspect.isawaitable(result):
                     result = await result
-            except asyncio.CancelledError:
-                if slot[1] != 1:
-                    raise  # a real cancellation (shutdown), not our timeout
-                self.fail(p, TimeoutError(f"handler exceeded {self.config.handler_timeout_s}s"))
+            except asyncio.CancelledError as exc:
+                if slot[1] == 1:
+                    self.fail(p, TimeoutError(f"handler exceeded {self.config.handler_timeout_s}s"))
+                elif task.cancelling():
+                    raise  # a real cancellation (shutdown)
+                else:
+                    self.fail(p, exc)  # the handler raised it itself: a failure like any other
             except Exception as exc:
                 self.fail(p, exc)
             else:
@@ -530,7 +581,9 @@ class Worker:
                 if slot[1]:
                     slot[1] = 0
                     task.uncancel()
-                self._unmark()
+            # Not in `finally`: a BaseException that kills the process must leave the
+            # slot marked, so the monitor can name the message that killed it.
+            self._unmark()
 
     def _mark(self, p: Pending) -> None:
         """Careful mode: record the delivery in the slot so a crash names its message."""
@@ -542,6 +595,12 @@ class Worker:
             idx[SLOT_MESSAGE_ID] = p.msg.id & 0xFFFF_FFFF_FFFF_FFFF
             idx[SLOT_ACTIVE] = 1
             self.careful_left -= 1
+
+    def _careful_skip(self, p: Pending) -> None:
+        """A window message settled without a delivery still counts towards leaving careful mode."""
+        if self.careful_left and p.frame.end <= self.redeliver_until[p.frame.lane]:
+            self.careful_left -= 1
+            self._unmark()
 
     def _unmark(self) -> None:
         if not self.plan.careful:
@@ -634,6 +693,18 @@ class Worker:
 
 
 _SETTLED = object()
+
+
+def _shrunk(rec: ReturnRecord, size: int, limit: int) -> ReturnRecord:
+    """A record too big for the return ring, without its bulk (and saying so)."""
+    note = f"(a {size:,}-byte record exceeds the return ring's {limit:,}-byte limit)"
+    if isinstance(rec, Reply):
+        return Reply(rec.correlation_id, False, _NIL, f"reply too large {note}")
+    if isinstance(rec, DeadLetter):
+        msg = msgspec.structs.replace(rec.message, payload=_NIL)
+        return DeadLetter(msg, rec.reason, rec.attempts, f"{rec.error} [payload dropped {note}]",
+                          rec.at_ns)  # fmt: skip
+    return rec
 
 
 def _salvage(frame: bytes) -> tuple[list[Message], list[tuple[int, str]]]:

@@ -1,0 +1,37 @@
+"""Handlers for the regression tests in test_engine_regressions.py."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+from ipc.codec import Message
+
+
+async def echo(msg: Message) -> Any:
+    """Returns the payload: a large payload makes a large reply."""
+    return msg.body()
+
+
+async def _later(value: Any) -> Any:
+    await asyncio.sleep(0)
+    return value
+
+
+def sync_returning_coroutine(msg: Message) -> Any:
+    """A plain function that returns an awaitable (as decorator wrappers do)."""
+    return _later({"n": msg.body()})
+
+
+async def cancelled_once(msg: Message) -> Any:
+    """Raises CancelledError on the first attempt: a failure, not a shutdown."""
+    if msg.attempt == 0:
+        raise asyncio.CancelledError
+    return msg.attempt
+
+
+def slow(msg: Message) -> None:
+    """50 ms per message: keeps a small ring full."""
+    import time
+
+    time.sleep(0.05)

@@ -1,0 +1,108 @@
+"""Regressions found in review: each test failed before its fix."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from engine import Config, Engine, QueueFull, RequestFailed
+
+H = "tests.integration.handlers_review"
+
+
+def _config(**overrides: Any) -> Config:
+    base: dict[str, Any] = {"workers": 1, "stats_interval_s": 0.1, "retry_backoff_base_s": 0.01}
+    return Config.from_env(env={}, **(base | overrides))
+
+
+def test_cancelled_submit_on_a_full_ring_loses_nothing() -> None:
+    """A submit whose flush took already-acknowledged messages is cancelled while the
+    ring is full: those messages must stay queued (they used to vanish)."""
+    cfg = _config(ring_bytes=65536, batch_size=4, batch_linger_s=2.0, delivery_concurrency=1)
+
+    async def go() -> tuple[int, dict[str, Any]]:
+        async with Engine(f"{H}:slow", cfg) as eng:
+            acked = 0
+            while True:
+                try:
+                    eng.submit_nowait("a", b"x" * 2000)
+                    acked += 1
+                except QueueFull:
+                    break
+            with pytest.raises(TimeoutError):
+                await asyncio.wait_for(eng.submit("a", b"late"), 0.2)
+            assert await eng.drain(60)
+            return acked, eng.stats()
+
+    acked, s = asyncio.run(go())
+    assert s["in_flight"] == 0
+    assert s["delivered"] == s["submitted"] == acked + 1
+
+
+def test_replies_larger_than_the_return_ring_fail_cleanly_and_the_shard_lives() -> None:
+    cfg = _config(return_ring_bytes=65536)
+
+    async def go() -> tuple[list[Any], Any, dict[str, Any]]:
+        async with Engine(f"{H}:echo", cfg) as eng:
+            mid = [eng.request("A", "m" * 10_000, timeout=30) for _ in range(40)]
+            medium = await asyncio.gather(*mid)  # many 10 KB replies: split by bytes
+            with pytest.raises(RequestFailed, match="reply too large"):
+                await eng.request("A", "x" * 100_000, timeout=30)
+            after = await eng.request("A", "still alive", timeout=30)
+            await asyncio.sleep(0.3)
+            return medium, after, eng.stats()
+
+    medium, after, s = asyncio.run(go())
+    assert medium == ["m" * 10_000] * 40
+    assert after == "still alive"
+    assert s["workers"][0]["restarts"] == 0
+
+
+def test_sync_handler_returning_an_awaitable_is_awaited_in_order() -> None:
+    async def go() -> list[Any]:
+        async with Engine(f"{H}:sync_returning_coroutine", _config()) as eng:
+            return list(await asyncio.gather(*(eng.request("A", i, timeout=30) for i in range(20))))
+
+    assert asyncio.run(go()) == [{"n": i} for i in range(20)]
+
+
+def test_handler_raising_cancelled_error_is_retried_not_a_stop() -> None:
+    async def go() -> tuple[Any, dict[str, Any]]:
+        async with Engine(f"{H}:cancelled_once", _config()) as eng:
+            reply = await eng.request("A", None, timeout=30)
+            await asyncio.sleep(0.3)
+            return reply, eng.stats()
+
+    reply, s = asyncio.run(go())
+    assert reply == 1  # delivered on the second attempt
+    assert s["workers"][0]["restarts"] == 0
+    assert s["retried"] == 1
+
+
+@pytest.mark.parametrize("ttl", [float("inf"), 1e12, -1.0, float("nan")])
+def test_ttl_out_of_range_names_ttl(ttl: float) -> None:
+    async def go() -> None:
+        async with Engine(None, _config(sink="null")) as eng:
+            with pytest.raises(ValueError, match="ttl"):
+                await eng.submit("A", 1, ttl=ttl)
+
+    asyncio.run(go())
+
+
+def test_invalid_raw_payload_is_refused_at_submit() -> None:
+    import msgspec
+
+    from engine.errors import CodecError
+
+    async def go() -> dict[str, Any]:
+        async with Engine(None, _config(sink="null")) as eng:
+            with pytest.raises(CodecError, match="not valid msgpack"):
+                await eng.submit("A", msgspec.Raw(b"\xc1"))
+            await eng.submit("A", msgspec.Raw(b"\x01"))
+            assert await eng.drain(30)
+            return eng.stats()
+
+    s = asyncio.run(go())
+    assert (s["submitted"], s["delivered"]) == (1, 1)
