@@ -15,6 +15,7 @@ holds at every moment), replies for requests and dead letters.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import logging
 import struct
@@ -30,7 +31,7 @@ from engine.errors import CodecError, EngineClosed, FrameTooLargeError, QueueFul
 from engine.sharding import Sharder
 from ipc.codec import Kind, Priority, pack_payload, parse_kind, parse_priority
 from ipc.records import DeadLetter, FrameDone, Redelivered, Reply, decode_records
-from ipc.ring import RingConsumer, RingProducer
+from ipc.ring import SPACE_RECHECK_S, RingConsumer, RingProducer
 from ipc.shard import LANES, EngineWakeups, ShardMemory
 
 _PRIORITIES: dict[object, Priority] = {p.name.lower(): p for p in Priority} | {
@@ -138,7 +139,10 @@ class Dispatcher:
         self.buffers: list[list[list[bytes]]] = [[[] for _ in range(LANES)] for _ in shards]
         self.pending_flush = False
         self.tasks: set[asyncio.Task[None]] = set()
-        self.flush_lock = asyncio.Lock()
+        # One writer per ring, but rings independent: a full lane of one worker never
+        # holds up the others.
+        self.lane_locks = [[asyncio.Lock() for _ in range(LANES)] for _ in shards]
+        self.space_event = asyncio.Event()
         self.ids = itertools.count(1)
         self.acked: list[list[int]] = [[r.committed for r in s.lanes] for s in shards]
         self.counts = dict.fromkeys(
@@ -164,6 +168,7 @@ class Dispatcher:
         self.closed = False
         self.loop = asyncio.get_running_loop()
         self.loop.add_reader(wakeups.return_ready.fd, self.on_returns)
+        self.loop.add_reader(wakeups.lane_space.fd, self.on_space)
         self.default_options = self.options()
 
     # -- building and queueing ---------------------------------------------------
@@ -289,7 +294,7 @@ class Dispatcher:
             return
         lane_name = Priority(lane).name.lower()
         producer = self.producers[shard][lane]
-        if self.flush_lock.locked():
+        if self.lane_locks[shard][lane].locked():
             # A flush is waiting for ring space: writing past it would reorder.
             raise QueueFull(
                 f"lane {lane_name} of worker {shard} is full "
@@ -320,28 +325,78 @@ class Dispatcher:
 
     def _flush_soon(self) -> None:
         self.pending_flush = False
+        for shard, lanes in enumerate(self.buffers):
+            for lane, buf in enumerate(lanes):
+                if buf and not self.lane_locks[shard][lane].locked():
+                    # One task per lane, so a full ring delays only its own lane.
+                    task = self.loop.create_task(self._flush_lane(shard, lane, 1))
+                    self.tasks.add(task)  # keep a reference (the loop holds weak ones)
+                    task.add_done_callback(self._flush_done)
+
+    def _flush_done(self, task: asyncio.Task[None]) -> None:
+        self.tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("flushing a lane failed", exc_info=task.exception())
         if any(b for lanes in self.buffers for b in lanes):
-            task = self.loop.create_task(self.flush())
-            self.tasks.add(task)  # keep a reference until done (the loop holds weak ones)
-            task.add_done_callback(self.tasks.discard)
+            self._schedule_flush()  # anything left behind a lane that was busy
 
     async def flush(self, only: list[bytes] | None = None) -> None:
-        """Write buffers as frames (every non-empty one, or just ``only``'s full batches).
+        """Write every non-empty buffer (or just ``only``'s full batches) as frames.
 
-        Waits, never drops, while a ring is full; the lock keeps one writer per ring.
+        Waits, never drops, while a ring is full; lanes are flushed independently.
         """
-        size = self.config.batch_size
-        async with self.flush_lock:
+        if only is not None:
             for shard, lanes in enumerate(self.buffers):
                 for lane, buf in enumerate(lanes):
-                    if only is not None and buf is not only:
-                        continue
-                    while len(buf) >= (size if only is not None else 1):
-                        frame, n = _frames(buf[:size], size, self.max_frame_bytes)[0]
-                        # Remove only after the write: a cancelled flush loses nothing.
-                        await self.producers[shard][lane].write_async([frame])
-                        del buf[:n]
-                        self.counts["batches"] += 1
+                    if buf is only:
+                        await self._flush_lane(shard, lane, self.config.batch_size)
+                        return
+            return
+        jobs = [
+            self._flush_lane(shard, lane, 1)
+            for shard, lanes in enumerate(self.buffers)
+            for lane, buf in enumerate(lanes)
+            if buf
+        ]
+        await asyncio.gather(*jobs)
+
+    async def _flush_lane(self, shard: int, lane: int, minimum: int) -> None:
+        """Write frames from one buffer while it holds at least ``minimum`` messages."""
+        size = self.config.batch_size
+        buf = self.buffers[shard][lane]
+        async with self.lane_locks[shard][lane]:
+            while buf and len(buf) >= minimum:
+                frame, n = _frames(buf[:size], size, self.max_frame_bytes)[0]
+                # Remove only after the write: a cancelled flush loses nothing.
+                await self._write(self.producers[shard][lane], frame)
+                del buf[:n]
+                self.counts["batches"] += 1
+
+    async def _write(self, producer: RingProducer, frame: bytes) -> None:
+        """Write one frame, waiting for space on the engine-wide space eventfd.
+
+        Every waiting lane wakes on each signal and retries (the eventfd has one
+        reader, this dispatcher; ``loop.add_reader`` allows one callback per fd).
+        """
+        if producer.offer((frame,)):
+            return
+        while True:
+            event = self.space_event
+            producer.request_space(True)
+            try:
+                if producer.offer((frame,)):
+                    return
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(event.wait(), SPACE_RECHECK_S)
+                if producer.offer((frame,)):
+                    return
+            finally:
+                producer.request_space(False)
+
+    def on_space(self) -> None:
+        self.wakeups.lane_space.clear()
+        event, self.space_event = self.space_event, asyncio.Event()
+        event.set()  # wakes every waiter of this generation
 
     # -- return rings -----------------------------------------------------------
     def on_returns(self) -> None:
@@ -415,6 +470,9 @@ class Dispatcher:
     def close(self) -> None:
         self.closed = True
         self.loop.remove_reader(self.wakeups.return_ready.fd)
+        self.loop.remove_reader(self.wakeups.lane_space.fd)
+        for task in list(self.tasks):
+            task.cancel()  # blocked flushes end here, before their rings are unmapped
         for fut in self.futures.values():
             if not fut.done():
                 fut.set_exception(EngineClosed("the engine stopped before the reply came"))

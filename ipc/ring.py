@@ -244,6 +244,14 @@ class RingProducer:
             self._wake.signal()
         return i - start
 
+    def request_space(self, wanted: bool) -> None:
+        """Raise (or lower) the flag that makes the consumer signal space after a commit.
+
+        For producers that wait for space their own way (an event loop sharing one
+        space eventfd among many rings); re-``offer`` after raising it, then wait.
+        """
+        self.ring.idx[_SPACE_WANTED] = 1 if wanted else 0
+
     def write_nowait(self, frames: Sequence[bytes | bytearray | memoryview]) -> None:
         """Write the whole batch or nothing; raises QueueFull when it does not fit now."""
         for f in frames:

@@ -35,3 +35,14 @@ def slow(msg: Message) -> None:
     import time
 
     time.sleep(0.05)
+
+
+def slow_or_echo(msg: Message) -> Any:
+    """Sleeps 50 ms for the payload "slow"; answers anything else at once."""
+    import time
+
+    body = msg.body()
+    if body == "slow":
+        time.sleep(0.05)
+        return None
+    return body

@@ -106,3 +106,27 @@ def test_invalid_raw_payload_is_refused_at_submit() -> None:
 
     s = asyncio.run(go())
     assert (s["submitted"], s["delivered"]) == (1, 1)
+
+
+def test_a_full_lane_of_one_worker_does_not_hold_up_another_worker() -> None:
+    from engine.sharding import stable_shard
+
+    busy = next(f"busy-{i}" for i in range(100) if stable_shard(f"busy-{i}", 2) == 0)
+    idle = next(f"idle-{i}" for i in range(100) if stable_shard(f"idle-{i}", 2) == 1)
+    cfg = _config(workers=2, ring_bytes=65536, batch_size=4)
+
+    async def go() -> Any:
+        async with Engine(f"{H}:slow_or_echo", cfg) as eng:
+
+            async def flood() -> None:
+                for _ in range(200):  # far more than worker 0's ring holds
+                    await eng.submit(busy, "slow", metadata={"pad": "p" * 2000})
+
+            flooding = asyncio.ensure_future(flood())
+            await asyncio.sleep(0.3)  # worker 0's ring is full now; flood() waits for space
+            assert not flooding.done()
+            reply = await eng.request(idle, "hello", timeout=5)
+            flooding.cancel()
+            return reply
+
+    assert asyncio.run(go()) == "hello"
