@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import logging
 import os
 import signal
 import threading
@@ -42,6 +43,7 @@ from ipc.shm import check_shm_space, new_engine_prefix, sweep_stale_segments
 T = TypeVar("T")
 Handler = str | Callable[[Message], Any] | None
 MONITOR_RESTART_LIMIT = 5
+log = logging.getLogger("engine")
 SUBMIT_CHUNK = 4096  # submit_many validates and queues this many at a time
 
 
@@ -64,6 +66,7 @@ class Engine:
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._restart_task: asyncio.Task[None] | None = None
+        self.monitor_error = ""
 
     # -- start / stop ------------------------------------------------------------
     async def start(self) -> None:
@@ -149,6 +152,8 @@ class Engine:
             return
         self.monitor_restarts += 1
         if self.monitor_restarts > MONITOR_RESTART_LIMIT:
+            self.monitor_error = f"monitor died {self.monitor_restarts} times; not restarted"
+            log.error("%s", self.monitor_error)
             return  # stats() reports it; the rings keep every message for a restart
         self._restart_task = loop.create_task(self._restart_monitor())
 
@@ -163,7 +168,19 @@ class Engine:
                     with contextlib.suppress(ProcessLookupError):
                         os.kill(pid, signal.SIGKILL)
             await asyncio.sleep(0.01)
-        await self._start_monitor()
+        try:
+            await self._start_monitor()
+        except Exception as exc:
+            # Never silently run without a monitor: record why, and try again later.
+            self.monitor_error = f"monitor restart {self.monitor_restarts} failed: {exc}"
+            log.exception("%s", self.monitor_error)
+            if self._stopping or self.monitor_restarts >= MONITOR_RESTART_LIMIT:
+                return
+            await asyncio.sleep(min(5.0, 0.2 * 2**self.monitor_restarts))
+            self.monitor_restarts += 1
+            await self._restart_monitor()
+        else:
+            self.monitor_error = ""
 
     async def stop(self, timeout: float | None = None) -> None:
         """Stop accepting, drain within the shutdown timeout, stop processes, unlink memory."""
@@ -180,6 +197,10 @@ class Engine:
     async def _teardown(self) -> None:
         """Stop the monitor (and so the workers), then release every segment and fd."""
         self._stopping = True
+        if self._restart_task is not None and not self._restart_task.done():
+            self._restart_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._restart_task
         try:
             await self._stop_monitor()
         finally:
@@ -333,7 +354,9 @@ class Engine:
         d = self.dispatcher
         if d is None:
             raise EngineClosed("the engine was never started")
-        return build_stats(d, self.report, self.monitor, self.monitor_restarts)
+        stats = build_stats(d, self.report, self.monitor, self.monitor_restarts)
+        stats["monitor"]["error"] = self.monitor_error
+        return stats
 
     def dead_letters(self) -> list[DeadLetter]:
         if self.dispatcher is None:

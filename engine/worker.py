@@ -137,6 +137,7 @@ class Worker:
         self.flush_wanted = asyncio.Event()
         self.flush_lock = asyncio.Lock()
         self.side_tasks: set[asyncio.Task[None]] = set()
+        self.fatal: asyncio.Future[None]  # made in run(), on the worker's own loop
         self.careful_left = 0
 
     # -- fetching --------------------------------------------------------------
@@ -614,7 +615,13 @@ class Worker:
         for _ in range(n):
             slot = [0, 0]
             task = asyncio.ensure_future(self.pool_runner(slot))
+            task.add_done_callback(self._core_done)
             self.slots.append((task, slot))
+
+    def _core_done(self, task: asyncio.Task[None]) -> None:
+        """Any core task that ends with an error (pool grown later included) fails the worker."""
+        if not task.cancelled() and task.exception() is not None and not self.fatal.done():
+            self.fatal.set_exception(task.exception() or RuntimeError("task failed"))
 
     async def watchdog(self, slots: list[tuple[asyncio.Task[None], list[int]]]) -> None:
         """Cancel deliveries past the handler timeout: one timer for the whole pool."""
@@ -652,6 +659,7 @@ class Worker:
 
     async def run(self, send: Callable[[Any], None]) -> None:
         loop = asyncio.get_running_loop()
+        self.fatal = loop.create_future()
         stop = asyncio.Event()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(signal.SIGINT, stop.set)
@@ -669,13 +677,14 @@ class Worker:
         beat = asyncio.ensure_future(self.heartbeat(send))
         send(WorkerReady(worker=self.index, pid=os.getpid()))
         stopper = asyncio.ensure_future(stop.wait())
-        core = {reader, flusher, beat, *tasks, *(t for t, _ in self.slots)}
-        done, _ = await asyncio.wait({stopper, *core}, return_when=asyncio.FIRST_COMPLETED)
-        for t in done:
-            if t is not stopper and not t.cancelled() and t.exception() is not None:
-                # A broken loop must not idle on as a "healthy" worker: exit, so the
-                # monitor respawns it and the frames it held are delivered again.
-                raise WorkerCrashed(f"worker {self.index} task failed") from t.exception()
+        for t in (reader, flusher, beat, *tasks):
+            t.add_done_callback(self._core_done)
+        waiting: set[asyncio.Future[Any]] = {stopper, self.fatal}
+        await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+        if self.fatal.done():
+            # A broken loop must not idle on as a "healthy" worker: exit, so the
+            # monitor respawns it and the frames it held are delivered again.
+            raise WorkerCrashed(f"worker {self.index} task failed") from self.fatal.exception()
         # Graceful stop: fetch nothing more, settle what we hold, report, exit.
         self.stopping = True
         reader.cancel()
