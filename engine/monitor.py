@@ -25,7 +25,7 @@ from multiprocess.connection import wait
 
 from engine.config import Config
 from engine.procutil import die_with_parent
-from engine.worker import EXIT_BOOT_FAILED, WorkerPlan, worker_main
+from engine.worker import EXIT_BOOT_FAILED, WORKER_COUNTERS, WorkerPlan, worker_main
 from ipc.control import (
     Command,
     Histogram,
@@ -51,17 +51,6 @@ EXIT_STARTUP_FAILED = 3
 BOOT_TIMEOUT_S = 60.0
 KILL_GRACE_S = 1.0
 TICK_S = 0.1
-_COUNTERS = (
-    "delivered",
-    "failed_attempts",
-    "retried",
-    "dead_lettered",
-    "expired",
-    "redelivered",
-    "batches",
-    "fetched",
-    "replies",
-)
 
 
 @dataclass
@@ -87,7 +76,7 @@ class WorkerSlot:
     respawn_at: float = 0.0
     plan: WorkerPlan = field(default_factory=WorkerPlan)
     latest: StatsSnapshot | None = None
-    retired: dict[str, int] = field(default_factory=lambda: dict.fromkeys(_COUNTERS, 0))
+    retired: dict[str, int] = field(default_factory=lambda: dict.fromkeys(WORKER_COUNTERS, 0))
     retired_start: Histogram = field(default_factory=Histogram)
     retired_settle: Histogram = field(default_factory=Histogram)
     ps: Any = None
@@ -268,7 +257,7 @@ class Monitor:
 
     # -- reporting ---------------------------------------------------------------
     def report(self) -> MonitorReport:
-        counters = dict.fromkeys(_COUNTERS, 0)
+        counters = dict.fromkeys(WORKER_COUNTERS, 0)
         start, settle = Histogram(), Histogram()
         infos = []
         now = time.monotonic()

@@ -58,6 +58,18 @@ EXIT_BOOT_FAILED = 3
 FRAMES_PER_ROUND = 4  # frames fetched (and, for sync sinks, delivered) between yields
 monotonic_ns = time.monotonic_ns
 _LANE_RANGE = range(LANES)
+WORKER_COUNTERS = (
+    "delivered",
+    "failed_attempts",
+    "retried",
+    "dead_lettered",
+    "expired",
+    "redelivered",
+    "batches",
+    "fetched",
+    "replies",
+)
+"""What a worker counts and reports in its StatsSnapshot; the monitor sums these."""
 _OUTCOMES = ("delivered", "dead_lettered", "expired")
 
 
@@ -117,20 +129,7 @@ class Worker:
         self.commit_dirty = [False] * LANES
         self.higher_streak = 0
         self.stopping = False
-        self.counters = dict.fromkeys(
-            (
-                "delivered",
-                "failed_attempts",
-                "retried",
-                "dead_lettered",
-                "expired",
-                "redelivered",
-                "batches",
-                "fetched",
-                "replies",
-            ),
-            0,
-        )
+        self.counters = dict.fromkeys(WORKER_COUNTERS, 0)
         self.lat_start = Histogram()
         self.lat_settle = Histogram()
         self.wake = asyncio.Event()  # work for runners, or space in the window
