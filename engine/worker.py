@@ -20,7 +20,7 @@ import random
 import signal
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -128,6 +128,7 @@ class Worker:
         self.out: list[ReturnRecord] = []
         self.commit_dirty = [False] * LANES
         self.higher_streak = 0
+        self.fetch_streak = 0  # frames fetched from higher lanes while a lower one waited
         self.stopping = False
         self.counters = dict.fromkeys(WORKER_COUNTERS, 0)
         self.lat_start = Histogram()
@@ -149,10 +150,19 @@ class Worker:
         """
         taken = 0
         consumers = self.consumers
+        rings = self.shard.lanes
         while taken < max_frames and self.unsettled < self.window:
-            for lane in range(LANES):
+            order: Iterable[int] = _LANE_RANGE
+            if self.fetch_streak >= self.config.starvation_limit:
+                # Starvation guard at fetch level too: a flood in a high lane must not
+                # keep a lower lane's frames out of the window for ever.
+                order = reversed(_LANE_RANGE)
+                self.fetch_streak = 0
+            for lane in order:
                 frames, ends = consumers[lane].drain(max_frames=1)
                 if frames:
+                    lower = any(rings[x].pending_bytes() for x in range(lane + 1, LANES))
+                    self.fetch_streak = self.fetch_streak + 1 if lower else 0
                     self._accept(lane, frames[0], ends[0])
                     taken += 1
                     break

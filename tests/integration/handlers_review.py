@@ -46,3 +46,12 @@ def slow_or_echo(msg: Message) -> Any:
         time.sleep(0.05)
         return None
     return body
+
+
+async def record_order(msg: Message) -> None:
+    """Appends the recipient to the file named by RINGWAY_ORDER_FILE (after 1 ms)."""
+    import os
+
+    await asyncio.sleep(0.001)
+    with open(os.environ["RINGWAY_ORDER_FILE"], "a") as f:
+        f.write(msg.recipient + "\n")
