@@ -80,6 +80,13 @@ async def _probe() -> None:
 _coro = _probe()
 _Coroutine = type(_coro)
 _coro.close()
+
+
+def _awaitable(result: object) -> bool:
+    """Whether a sink's result must be awaited (the common coroutine case checked first)."""
+    return type(result) is _Coroutine or inspect.isawaitable(result)
+
+
 RECORDS_PER_FRAME = 512
 _encoder = msgspec.msgpack.Encoder()
 _NIL = msgspec.Raw(b"\xc0")
@@ -259,7 +266,7 @@ class Worker:
                 p.state = st
                 self.fail(p, exc)
                 continue
-            if type(result) is _Coroutine or inspect.isawaitable(result):
+            if _awaitable(result):
                 # A plain function returned an awaitable: finish it in order, holding
                 # the recipient's lane, like a retry.
                 p = Pending(msg, track, i)
@@ -522,25 +529,34 @@ class Worker:
             else:
                 await lane_ready.wait_async(self.config.heartbeat_interval_s)
 
-    async def inline_runner(self) -> None:
-        """Sync sinks: deliver in order on the loop, no coroutine per message."""
-        deliver = self.deliver_fn
-        done = 0
+    async def _next_delivery(self) -> tuple[Pending, int] | None:
+        """The next message for the sink and its start time (ns); None once stopped and settled.
+
+        Shared by both runners: waits for work, and settles expired or quarantined
+        messages itself without handing them out.
+        """
         while True:
             p = self.next_pending()
             if p is None:
                 if self.stopping and self.unsettled == 0:
-                    return
+                    return None
                 self.wake.clear()
                 await self.wake.wait()
                 continue
             started = self.start_delivery(p)
-            if started is _SETTLED:
-                continue
-            self._mark(p)
+            if started is not _SETTLED:
+                self._mark(p)
+                return p, started
+
+    async def inline_runner(self) -> None:
+        """Sync sinks: deliver in order on the loop, no coroutine per message."""
+        deliver = self.deliver_fn
+        done = 0
+        while (job := await self._next_delivery()) is not None:
+            p = job[0]
             try:
                 result = deliver(p.msg)
-                if inspect.isawaitable(result):
+                if _awaitable(result):
                     # A plain function returned an awaitable (e.g. a partial of an
                     # async def): await it here, in order, rather than drop it.
                     result = await result
@@ -558,22 +574,12 @@ class Worker:
         deliver = self.deliver_fn
         task = asyncio.current_task()
         assert task is not None
-        while True:
-            p = self.next_pending()
-            if p is None:
-                if self.stopping and self.unsettled == 0:
-                    return
-                self.wake.clear()
-                await self.wake.wait()
-                continue
-            started = self.start_delivery(p)
-            if started is _SETTLED:
-                continue
-            self._mark(p)
+        while (job := await self._next_delivery()) is not None:
+            p, started = job
             slot[0] = started + self.timeout_ns
             try:
                 result = deliver(p.msg)
-                if type(result) is _Coroutine or inspect.isawaitable(result):
+                if _awaitable(result):
                     result = await result
             except asyncio.CancelledError as exc:
                 if slot[1] == 1:
