@@ -199,7 +199,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch", type=_positive_int, default=256, help="messages per batch (default 256)"
     )
     demo.set_defaults(run=_cmd_demo)
+
+    from engine.cli_service import add_service_commands
+
+    add_service_commands(sub)
+
+    stress = sub.add_parser(
+        "stress",
+        add_help=False,
+        help="run the stress harness (agents, message types, mock core); --help for options",
+        description="Run the stress harness; see `engine stress --help`.",
+    )
+    stress.add_argument("argv", nargs=argparse.REMAINDER)
+    stress.set_defaults(run=_cmd_stress)
     return parser
+
+
+def _cmd_stress(args: argparse.Namespace) -> int:
+    """Hand the rest of the command line to the harness (it lives in bench/, loaded lazily)."""
+    from bench.stress.cli import main as stress_main
+
+    return int(stress_main(list(args.argv)))
 
 
 def main(argv: list[str] | None = None) -> int:

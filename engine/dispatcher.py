@@ -165,6 +165,7 @@ class Dispatcher:
         self.recipients: dict[str, None] = {}
         self.topics: dict[str, dict[str, None]] = {}
         self.settled_event = asyncio.Event()
+        self.progress_event = asyncio.Event()  # replaced and set whenever a frame settles
         self.closed = False
         self.loop = asyncio.get_running_loop()
         self.loop.add_reader(wakeups.return_ready.fd, self.on_returns)
@@ -215,11 +216,15 @@ class Dispatcher:
         opts = self.options(**options) if options else self.default_options
         return self.build_many(((recipient, payload),), opts)[0]
 
-    def build_many(self, items: Iterable[tuple[str, Any]], opts: Options) -> list[Outgoing]:
+    def build_many(
+        self, items: Iterable[tuple[str, Any]], opts: Options, *, raw_checked: bool = False
+    ) -> list[Outgoing]:
         """Encode messages that share ``opts``; all or nothing (raises before any is queued).
 
         The encoded form is a plain tuple in Message's field order, which msgspec
         encodes to exactly the bytes of the array-like Message, without building one.
+        ``raw_checked``: every ``msgspec.Raw`` payload came out of a msgspec decode
+        (the ingress's frames), which already proved it well-formed msgpack.
         """
         prio, knd, ttl_ns, sender, cid, reply_to, tags, meta, dedup = opts
         ids, enc, limit = self.ids, _encode, self.max_message_bytes
@@ -228,7 +233,8 @@ class Dispatcher:
             if type(recipient) is not str or not recipient:
                 raise ValueError(f"recipient must be a non-empty string, got {recipient!r}")
             if type(payload) is msgspec.Raw:
-                _check_raw(payload)  # a bad Raw would spoil its whole batch frame
+                if not raw_checked:
+                    _check_raw(payload)  # a bad Raw would spoil its whole batch frame
                 raw = payload
             else:
                 raw = pack_payload(payload)
@@ -421,6 +427,8 @@ class Dispatcher:
             consumer.commit()
         if self.in_flight() == 0:
             self.settled_event.set()
+        event, self.progress_event = self.progress_event, asyncio.Event()
+        event.set()
 
     def _record(self, shard: int, rec: Any) -> None:
         if isinstance(rec, FrameDone):
@@ -443,6 +451,26 @@ class Dispatcher:
             self.dead.add(rec)
         elif isinstance(rec, Redelivered):
             self.counts["redelivered"] += rec.count
+
+    async def settle_marks(self, outs: list[Outgoing]) -> list[tuple[int, int, int]]:
+        """Write ``outs`` to their rings; (shard, lane, ring position) each must be acked past.
+
+        Lanes settle strictly in ring order, so once a lane's acked position
+        reaches the mark, every one of these messages in that lane is settled.
+        """
+        await self.flush()
+        touched = {(self.shard_of(recipient), lane) for _, recipient, lane, _ in outs}
+        return [(s, lane, self.producers[s][lane].ring.write_pos) for s, lane in touched]
+
+    async def wait_settled(self, marks: list[tuple[int, int, int]]) -> None:
+        """Return once every (shard, lane, position) mark is settled (see ``settle_marks``)."""
+        acked = self.acked
+        while any(acked[s][lane] < pos for s, lane, pos in marks):
+            if self.closed:
+                raise EngineClosed("the engine stopped before the messages settled")
+            # The cap re-checks in case a wake-up raced the event swap.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.progress_event.wait(), 0.1)
 
     def in_flight(self) -> int:
         c = self.counts

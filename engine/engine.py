@@ -33,6 +33,7 @@ from ipc.control import (
     MonitorReport,
     WorkerFailed,
     WorkerReady,
+    WorkerRecycled,
     recv_control,
     send_control,
 )
@@ -123,11 +124,27 @@ class Engine:
             self.ready_workers.add(msg.worker)
             if boot is not None and not boot.done() and len(self.ready_workers) == len(self.shards):
                 boot.set_result(None)
-        elif isinstance(msg, WorkerFailed) and boot is not None and not boot.done():
-            boot.set_exception(
-                EngineStartError(f"worker {msg.worker} failed to start: {msg.error}")
-            )
+        elif isinstance(msg, WorkerFailed):
+            if boot is not None and not boot.done():
+                boot.set_exception(
+                    EngineStartError(f"worker {msg.worker} failed to start: {msg.error}")
+                )
+            else:
+                log.warning("worker %d (pid %d): %s", msg.worker, msg.pid, msg.error)
+        elif isinstance(msg, WorkerRecycled):
+            log.info("restarting worker %d (pid %d): %s", msg.worker, msg.pid, msg.reason)
         return True
+
+    def reload(self) -> None:
+        """Restart the workers one at a time, gracefully (re-imports a ``module:function`` handler).
+
+        Each worker stops fetching, settles what it holds and exits; its successor
+        resumes at the ring's committed position, so nothing is lost or repeated.
+        """
+        self._dispatcher()
+        if self.monitor_conn is None:
+            raise EngineClosed("the monitor is not running")
+        send_control(self.monitor_conn, Command(op="reload"))
 
     def _on_monitor_exit(self) -> None:
         loop = asyncio.get_running_loop()
@@ -182,19 +199,23 @@ class Engine:
         else:
             self.monitor_error = ""
 
-    async def stop(self, timeout: float | None = None) -> None:
-        """Stop accepting, drain within the shutdown timeout, stop processes, unlink memory."""
+    async def stop(self, timeout: float | None = None, *, fast: bool = False) -> None:
+        """Stop accepting, drain within the shutdown timeout, stop processes, unlink memory.
+
+        ``fast`` skips the drain and kills the workers instead of letting them
+        settle what they hold (a second Ctrl-C); unsettled messages are then lost.
+        """
         if self.dispatcher is None or self._stopping:
             return
         wait = self.config.shutdown_timeout_s if timeout is None else timeout
         try:
-            if self.monitor is not None and self.monitor.exitcode is None:
+            if not fast and self.monitor is not None and self.monitor.exitcode is None:
                 await self.dispatcher.drain(wait)
         finally:
             self.dispatcher.closed = True
-            await self._teardown()
+            await self._teardown(fast)
 
-    async def _teardown(self) -> None:
+    async def _teardown(self, fast: bool = False) -> None:
         """Stop the monitor (and so the workers), then release every segment and fd."""
         self._stopping = True
         if self._restart_task is not None and not self._restart_task.done():
@@ -202,7 +223,7 @@ class Engine:
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await self._restart_task
         try:
-            await self._stop_monitor()
+            await self._stop_monitor(fast)
         finally:
             if self.dispatcher is not None:
                 self.dispatcher.close()
@@ -214,7 +235,7 @@ class Engine:
                 self.wakeups.close()
                 self.wakeups = None
 
-    async def _stop_monitor(self) -> None:
+    async def _stop_monitor(self, fast: bool = False) -> None:
         proc, conn = self.monitor, self.monitor_conn
         if proc is None:
             return
@@ -224,7 +245,7 @@ class Engine:
                 loop.remove_reader(fd)
         if proc.exitcode is None:
             with contextlib.suppress(OSError):
-                send_control(conn, Command(op="stop"))
+                send_control(conn, Command(op="stop", arg="fast" if fast else ""))
             await loop.run_in_executor(None, proc.join, self.config.shutdown_timeout_s + 10)
             if proc.exitcode is None:
                 proc.kill()
@@ -263,16 +284,30 @@ class Engine:
         d.enqueue_nowait(out)
         return out[0]
 
-    async def submit_many(self, items: Iterable[tuple[str, Any]], **options: Any) -> list[int]:
-        """Queue many (recipient, payload) pairs with the same options; returns their ids."""
+    async def submit_many(
+        self,
+        items: Iterable[tuple[str, Any]],
+        *,
+        settled: bool = False,
+        raw_checked: bool = False,
+        **options: Any,
+    ) -> list[int]:
+        """Queue many (recipient, payload) pairs with the same options; returns their ids.
+
+        With ``settled=True`` it returns only once every one of them was delivered,
+        dead-lettered or expired (the service's ``ack="settled"``).  ``raw_checked``
+        is for the ingress: its ``msgspec.Raw`` payloads come from a msgspec decode,
+        which already proved them well-formed, so they are not parsed again.
+        """
         d = self._dispatcher()
         opts = d.options(**options) if options else d.default_options
         ids: list[int] = []
+        marks: list[tuple[int, int, int]] = []
         it = iter(items)
         # Chunks keep the workers busy while later items are still being encoded.
         while chunk := list(itertools.islice(it, SUBMIT_CHUNK)):
             try:
-                outs = d.build_many(chunk, opts)
+                outs = d.build_many(chunk, opts, raw_checked=raw_checked)
             except (ValueError, EngineError) as exc:
                 raise type(exc)(
                     f"{exc} (item {len(ids)} or later; the {len(ids)} items before "
@@ -280,6 +315,10 @@ class Engine:
                 ) from exc
             await d.enqueue_many(outs)
             ids.extend(m[0] for m in outs)
+            if settled:
+                marks += await d.settle_marks(outs)
+        if marks:
+            await d.wait_settled(marks)
         return ids
 
     async def request(

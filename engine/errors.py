@@ -5,7 +5,9 @@ from __future__ import annotations
 from ipc.errors import CodecError, EngineError, FrameTooLargeError, QueueFull, ShmSpaceError
 
 __all__ = [
+    "AuthenticationError",
     "CodecError",
+    "ConnectionLost",
     "EngineClosed",
     "EngineError",
     "EngineStartError",
@@ -15,6 +17,7 @@ __all__ = [
     "RequestFailed",
     "RequestTimeout",
     "Retry",
+    "ServiceError",
     "ShmSpaceError",
 ]
 
@@ -52,3 +55,20 @@ class EngineStartError(EngineError):
 
 class EngineClosed(EngineError):
     """Raised when a message is submitted to an engine that is not running."""
+
+
+class ServiceError(EngineError):
+    """Raised by a client when the service refused a frame; ``code`` and ``reason`` say why."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        self.code = code
+        self.reason = reason
+        super().__init__(f"{code}: {reason}")
+
+
+class AuthenticationError(ServiceError):
+    """Raised when the service rejects the client's token (missing or wrong)."""
+
+
+class ConnectionLost(EngineError, ConnectionError):
+    """Raised when the connection to the service dropped before a frame was answered."""

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +36,7 @@ from ipc.control import (
     WorkerFailed,
     WorkerInfo,
     WorkerReady,
+    WorkerRecycled,
     recv_control,
     send_control,
 )
@@ -48,9 +51,11 @@ from ipc.shard import (
 )
 
 EXIT_STARTUP_FAILED = 3
+EXIT_CRASHED = 70  # EX_SOFTWARE: the monitor itself failed
 BOOT_TIMEOUT_S = 60.0
 KILL_GRACE_S = 1.0
 TICK_S = 0.1
+RELOAD = "reload"  # the recycle reason of a rolling restart (SIGHUP, Engine.reload)
 
 
 @dataclass
@@ -80,6 +85,10 @@ class WorkerSlot:
     retired_start: Histogram = field(default_factory=Histogram)
     retired_settle: Histogram = field(default_factory=Histogram)
     ps: Any = None
+    rss: int = 0
+    recycled: int = 0
+    recycle_pid: int = 0  # the process asked to exit gracefully, 0 when none
+    message_limit: int = 0  # this process's jittered ENGINE_MAX_MESSAGES_PER_WORKER
 
 
 class Monitor:
@@ -91,6 +100,9 @@ class Monitor:
         self.slots = [WorkerSlot(s.index, ShardMemory.attach(s)) for s in specs]
         self.stopping = False
         self.next_report = 0.0
+        # Graceful restarts wait here and run one at a time, so capacity never drops
+        # by more than one worker (a rolling restart, as gunicorn does on HUP).
+        self.recycle_queue: dict[int, str] = {}
 
     # -- lifecycle --------------------------------------------------------------
     def spawn(self, slot: WorkerSlot) -> None:
@@ -116,6 +128,7 @@ class Monitor:
         slot.kill_sent_at = 0.0
         slot.last_beat = slot.shard.lanes[0].heartbeat
         slot.last_beat_at = time.monotonic()
+        slot.message_limit = _jittered(self.config.max_messages_per_worker)
         try:
             slot.ps = psutil.Process(proc.pid)
             slot.ps.cpu_percent(None)
@@ -280,6 +293,7 @@ class Monitor:
                     rss = slot.ps.memory_info().rss
                 except psutil.Error:
                     pass
+            slot.rss = rss
             infos.append(
                 WorkerInfo(
                     worker=slot.index,
@@ -290,6 +304,7 @@ class Monitor:
                     rss_bytes=rss,
                     delivered=delivered,
                     beat_age_s=now - slot.last_beat_at,
+                    recycled=slot.recycled,
                 )
             )
         return MonitorReport(
@@ -332,6 +347,8 @@ class Monitor:
             if now >= self.next_report:
                 self.next_report = now + self.config.stats_interval_s
                 send_control(self.conn, self.report())
+                self.check_limits()
+            self.advance_recycling()
 
     def command(self) -> bool:
         """Handle one dispatcher command; False once the monitor should exit."""
@@ -349,9 +366,52 @@ class Monitor:
                 send_control(self.conn, self.report())
             elif msg.op == "reload":
                 for slot in self.slots:
-                    if slot.proc is not None:
-                        _signal(slot.pid, signal.SIGTERM)
+                    self.recycle_queue.setdefault(slot.index, RELOAD)
         return True
+
+    # -- graceful restarts ----------------------------------------------------------
+    def check_limits(self) -> None:
+        """Queue a graceful restart for workers over the RSS or message limit."""
+        max_rss = self.config.max_worker_rss_bytes
+        for slot in self.slots:
+            if slot.proc is None or not slot.ready or slot.recycle_pid:
+                continue
+            if max_rss and slot.rss > max_rss:
+                self.recycle_queue.setdefault(slot.index, f"rss {slot.rss} > {max_rss} bytes")
+            settled = slot.latest.counters.get("delivered", 0) if slot.latest else 0
+            if slot.message_limit and settled >= slot.message_limit:
+                self.recycle_queue.setdefault(
+                    slot.index, f"{settled} messages >= limit {slot.message_limit}"
+                )
+
+    def advance_recycling(self) -> None:
+        """Start queued graceful restarts: a reload one worker at a time, limits at once.
+
+        A rolling reload waits until the previous worker's successor is ready, so
+        capacity drops by one worker at most; a worker over a limit is replaced as
+        soon as it is noticed (their jittered limits rarely coincide).
+        """
+        busy = False
+        for slot in self.slots:
+            if slot.recycle_pid:
+                if slot.proc is None or slot.pid == slot.recycle_pid or not slot.ready:
+                    busy = True  # still draining, or its successor is still booting
+                else:
+                    slot.recycle_pid = 0
+        for index, reason in list(self.recycle_queue.items()):
+            slot = self.slots[index]
+            rolling = reason == RELOAD
+            if self.stopping or slot.recycle_pid or (rolling and busy):
+                continue
+            del self.recycle_queue[index]
+            if slot.proc is None or not slot.ready:
+                continue  # dead or booting: its next process starts fresh anyway
+            slot.recycle_pid = slot.pid
+            slot.recycled += 1
+            send_control(self.conn, WorkerRecycled(worker=index, pid=slot.pid, reason=reason))
+            # SIGTERM is the worker's graceful stop: fetch nothing more, settle, exit 0.
+            _signal(slot.pid, signal.SIGTERM)
+            busy = busy or rolling
 
     def stop_all(self, graceful: bool) -> None:
         self.stopping = True
@@ -371,6 +431,11 @@ class Monitor:
             slot.proc = None
 
 
+def _jittered(limit: int) -> int:
+    """``limit`` plus up to 10% random jitter, so workers do not all restart at once."""
+    return limit + random.randint(0, limit // 10) if limit else 0
+
+
 def _signal(pid: int, sig: int) -> None:
     with contextlib.suppress(ProcessLookupError):
         os.kill(pid, sig)
@@ -379,7 +444,19 @@ def _signal(pid: int, sig: int) -> None:
 def monitor_main(
     specs: list[ShardSpec], config: Config, handler: Any, conn: Any, dispatcher_pid: int
 ) -> None:
-    """Entry point of the monitor process."""
+    """Entry point of the monitor process.
+
+    A bug here must not leave the process joining workers that are blocked writing
+    to it (multiprocessing's exit handler would wait for them for ever): print the
+    error, kill the workers and exit, so the dispatcher sees the exit and restarts us.
+    """
     die_with_parent(dispatcher_pid)
-    code = Monitor(specs, config, handler, conn).run()
+    monitor = Monitor(specs, config, handler, conn)
+    try:
+        code = monitor.run()
+    except BaseException:
+        traceback.print_exc()
+        with contextlib.suppress(BaseException):
+            monitor.stop_all(graceful=False)
+        os._exit(EXIT_CRASHED)
     os._exit(code)

@@ -69,6 +69,7 @@ def build_stats(
                 "rss_bytes": w.rss_bytes,
                 "delivered": w.delivered,
                 "heartbeat_age_s": w.beat_age_s,
+                "recycled": w.recycled,
             }
             for w in (report.workers if report else [])
         ],

@@ -56,6 +56,10 @@ from ipc.shard import (
 
 EXIT_BOOT_FAILED = 3
 FRAMES_PER_ROUND = 4  # frames fetched (and, for sync sinks, delivered) between yields
+# A sync handler runs on the loop: after this long without yielding, the rest of a
+# batch goes through the queue so signals, heartbeats and stats are never held up
+# by a slow handler (a 10 ms handler would otherwise hold the loop for a whole round).
+YIELD_AFTER_NS = 20_000_000
 monotonic_ns = time.monotonic_ns
 _LANE_RANGE = range(LANES)
 WORKER_COUNTERS = (
@@ -137,6 +141,7 @@ class Worker:
         self.higher_streak = 0
         self.fetch_streak = 0  # frames fetched from higher lanes while a lower one waited
         self.stopping = False
+        self.round_start = 0
         self.counters = dict.fromkeys(WORKER_COUNTERS, 0)
         self.lat_start = Histogram()
         self.lat_settle = Histogram()
@@ -158,7 +163,11 @@ class Worker:
         taken = 0
         consumers = self.consumers
         rings = self.shard.lanes
-        while taken < max_frames and self.unsettled < self.window:
+        self.round_start = monotonic_ns()
+        while taken < max_frames and self.unsettled < self.window and not self.stopping:
+            if monotonic_ns() - self.round_start > YIELD_AFTER_NS:
+                return max_frames  # a full round: the reader yields, then fetches on
+
             order: Iterable[int] = _LANE_RANGE
             if self.fetch_streak >= self.config.starvation_limit:
                 # Starvation guard at fetch level too: a flood in a high lane must not
@@ -245,11 +254,18 @@ class Worker:
         counts = track.counts
         self.unsettled += len(msgs)
         delivered = 0
+        deadline = self.round_start + YIELD_AFTER_NS
         for i, msg in enumerate(msgs):
             if msg.recipient in states or (quarantine and (lane, track.end, i) in quarantine):
                 self._queue(Pending(msg, track, i), lane)
                 continue
             now = monotonic_ns()
+            if now > deadline or self.stopping:
+                # Out of time: the rest waits in the queue for the inline runner,
+                # which yields between messages when they are slow.
+                for j in range(i, len(msgs)):
+                    self._queue(Pending(msgs[j], track, j), lane)
+                break
             if msg.expires_ns and now >= msg.expires_ns:
                 p = Pending(msg, track, i)
                 self.settle(p, EXPIRED, now)
@@ -552,8 +568,9 @@ class Worker:
         """Sync sinks: deliver in order on the loop, no coroutine per message."""
         deliver = self.deliver_fn
         done = 0
+        last_yield = monotonic_ns()
         while (job := await self._next_delivery()) is not None:
-            p = job[0]
+            p, started = job
             try:
                 result = deliver(p.msg)
                 if _awaitable(result):
@@ -566,8 +583,9 @@ class Worker:
                 self.finish(p, result)
             self._unmark()
             done += 1
-            if done & 255 == 0:
-                await asyncio.sleep(0)  # let the reader and the flusher run
+            if done & 255 == 0 or started - last_yield > YIELD_AFTER_NS:
+                await asyncio.sleep(0)  # let the reader, flusher, heartbeat and signals run
+                last_yield = monotonic_ns()
 
     async def pool_runner(self, slot: list[int]) -> None:
         """One of the fixed pool of async deliverers; ``slot[0]`` holds its deadline."""
@@ -676,8 +694,15 @@ class Worker:
         loop = asyncio.get_running_loop()
         self.fatal = loop.create_future()
         stop = asyncio.Event()
-        loop.add_signal_handler(signal.SIGTERM, stop.set)
-        loop.add_signal_handler(signal.SIGINT, stop.set)
+
+        def on_stop() -> None:
+            # Stop fetching at once, not a few loop iterations later when `run` resumes:
+            # a recycled worker should hand back its ring promptly.
+            self.stopping = True
+            stop.set()
+
+        loop.add_signal_handler(signal.SIGTERM, on_stop)
+        loop.add_signal_handler(signal.SIGINT, on_stop)
         tasks: list[asyncio.Task[None]] = []
         self.slots: list[tuple[asyncio.Task[None], list[int]]] = []
         if self.is_async:

@@ -33,6 +33,7 @@ __all__ = [
     "WorkerFailed",
     "WorkerInfo",
     "WorkerReady",
+    "WorkerRecycled",
     "bucket_bounds",
     "bucket_index",
     "decode_control",
@@ -203,6 +204,14 @@ class WorkerFailed(msgspec.Struct, array_like=True, tag="failed"):
     error: str
 
 
+class WorkerRecycled(msgspec.Struct, array_like=True, tag="recycled"):
+    """Sent by the monitor when it asks a worker to exit gracefully and be replaced."""
+
+    worker: NonNegative
+    pid: NonNegative
+    reason: str
+
+
 class WorkerInfo(msgspec.Struct, array_like=True):
     """One worker as the monitor sees it: process facts and its delivered count."""
 
@@ -214,6 +223,7 @@ class WorkerInfo(msgspec.Struct, array_like=True):
     rss_bytes: NonNegative
     delivered: NonNegative
     beat_age_s: float
+    recycled: NonNegative = 0  # graceful restarts: reload, RSS or message limit
 
 
 class MonitorReport(msgspec.Struct, array_like=True, tag="report"):
@@ -227,7 +237,15 @@ class MonitorReport(msgspec.Struct, array_like=True, tag="report"):
     sent_ns: int
 
 
-ControlMessage = Heartbeat | StatsSnapshot | Command | WorkerReady | WorkerFailed | MonitorReport
+ControlMessage = (
+    Heartbeat
+    | StatsSnapshot
+    | Command
+    | WorkerReady
+    | WorkerFailed
+    | WorkerRecycled
+    | MonitorReport
+)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder: msgspec.msgpack.Decoder[ControlMessage] = msgspec.msgpack.Decoder(ControlMessage)

@@ -1,0 +1,178 @@
+"""The HTTP side of the service (aiohttp): health, stats, metrics and JSON ingress.
+
+``GET /healthz`` answers without a token (load balancers and orchestrators
+probe it) and tells only ok/unhealthy with reasons; every other route needs
+``Authorization: Bearer <ENGINE_AUTH_TOKEN>`` when a token is set.
+``POST /v1/messages`` takes one JSON message object or an array of them and
+answers 202 with their ids once they are in a ring (``?settled=1``: 200 once
+they are delivered or dead-lettered), for clients in languages without our
+binary client.
+"""
+
+from __future__ import annotations
+
+import hmac
+import itertools
+import logging
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+from aiohttp import web
+
+from engine.errors import EngineClosed, EngineError
+from engine.metrics import CONTENT_TYPE, Snapshot, render
+from ipc.codec import pack_payload
+from ipc.control import Histogram
+
+if TYPE_CHECKING:
+    from engine.service import Service
+
+log = logging.getLogger("engine.http")
+
+HTTP_COUNTERS = ("http_requests_total", "http_bad_requests_total", "http_auth_failures_total")
+
+
+class HttpMessage(msgspec.Struct, forbid_unknown_fields=True):
+    """One message of a ``POST /v1/messages`` body; the fields of ``Engine.submit``."""
+
+    recipient: str
+    payload: Any = None
+    priority: str | int = "normal"
+    ttl: float | None = None
+    kind: str | int = "direct"
+    sender: str = ""
+    reply_to: str = ""
+    tags: list[str] = []
+    metadata: dict[str, str] = {}
+    dedup_key: str = ""
+
+    def options(self) -> tuple[Any, ...]:
+        return (
+            self.priority,
+            self.ttl,
+            self.kind,
+            self.sender,
+            self.reply_to,
+            tuple(self.tags),
+            tuple(sorted(self.metadata.items())),
+            self.dedup_key,
+        )
+
+
+_body_decoder = msgspec.json.Decoder(HttpMessage | list[HttpMessage])
+_json = msgspec.json.Encoder()
+
+
+def _reply(status: int, body: object) -> web.Response:
+    return web.Response(status=status, body=_json.encode(body), content_type="application/json")
+
+
+def _problem(status: int, code: str, reason: str) -> web.Response:
+    return _reply(status, {"error": code, "reason": reason})
+
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+def make_app(service: Service) -> web.Application:
+    """The aiohttp application bound to a running service."""
+    counts = service.counts
+    token = service.config.auth_token.encode()
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        counts["http_requests_total"] += 1
+        if token and request.path != "/healthz":
+            given = request.headers.get("Authorization", "")
+            scheme, _, value = given.partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(value.encode(), token):
+                counts["http_auth_failures_total"] += 1
+                reason = "a bearer token is required" if not given else "the token is wrong"
+                resp = _problem(401, "auth", reason)
+                resp.headers["WWW-Authenticate"] = 'Bearer realm="ringway"'
+                return resp
+        try:
+            return await handler(request)
+        except web.HTTPException as exc:
+            if exc.status >= 400:
+                counts["http_bad_requests_total"] += 1
+            raise
+
+    async def healthz(request: web.Request) -> web.Response:
+        reasons = service.health_problems()
+        if reasons:
+            return _reply(503, {"status": "unhealthy", "reasons": reasons})
+        return _reply(200, {"status": "ok"})
+
+    async def stats(request: web.Request) -> web.Response:
+        return _reply(200, service.stats())
+
+    async def metrics(request: web.Request) -> web.Response:
+        body = render(lambda: _snapshot(service))
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+    async def messages(request: web.Request) -> web.Response:
+        settled = request.query.get("settled", "") in ("1", "true", "yes")
+        try:
+            decoded = _body_decoder.decode(await request.read())
+        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
+            counts["http_bad_requests_total"] += 1
+            return _problem(400, "bad_request", f"body is not a message or a list of them: {exc}")
+        batch = decoded if isinstance(decoded, list) else [decoded]
+        ids: list[int] = []
+        try:
+            # Runs of messages with equal options go in as one submit_many.
+            for _, run in itertools.groupby(batch, key=HttpMessage.options):
+                group = list(run)
+                first = group[0]
+                items = [(m.recipient, pack_payload(m.payload)) for m in group]
+                ids += await service.engine.submit_many(
+                    items,
+                    settled=settled,
+                    priority=first.priority,
+                    ttl=first.ttl,
+                    kind=first.kind,
+                    sender=first.sender,
+                    reply_to=first.reply_to,
+                    tags=first.tags,
+                    metadata=first.metadata or None,
+                    dedup_key=first.dedup_key,
+                )
+        except EngineClosed as exc:
+            return _problem(503, "closed", str(exc))
+        except (ValueError, TypeError, EngineError) as exc:
+            counts["http_bad_requests_total"] += 1
+            done = f" ({len(ids)} earlier messages of this body were queued)" if ids else ""
+            return _problem(400, "bad_request", f"{exc}{done}")
+        return _reply(200 if settled else 202, {"ids": ids})
+
+    async def dead_letters(request: web.Request) -> web.Response:
+        from engine.deadletters import view
+
+        return _reply(200, [view(dl) for dl in service.engine.dead_letters()])
+
+    async def replay(request: web.Request) -> web.Response:
+        try:
+            return _reply(200, {"replayed": await service.engine.replay_dead_letters()})
+        except EngineClosed as exc:
+            return _problem(503, "closed", str(exc))
+
+    app = web.Application(middlewares=[guard], client_max_size=service.config.max_frame_bytes)
+    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/stats", stats)
+    app.router.add_get("/metrics", metrics)
+    app.router.add_post("/v1/messages", messages)
+    app.router.add_get("/v1/dead-letters", dead_letters)
+    app.router.add_post("/v1/dead-letters/replay", replay)
+    return app
+
+
+def _snapshot(service: Service) -> Snapshot:
+    report = service.engine.report
+    return Snapshot(
+        stats=service.engine.stats(),
+        latency_start=report.latency_start if report else Histogram(),
+        latency_settle=report.latency_settle if report else Histogram(),
+        service=service.service_counts(),
+    )

@@ -1,0 +1,459 @@
+"""The binary ingress: TCP and unix-socket servers speaking `engine.protocol` frames.
+
+One coroutine per connection reads frames and queues their messages in the
+engine.  A Submit is acked as soon as its messages are in a ring; while a ring
+is full the connection's reader waits in ``submit_many`` and reads nothing, so
+the kernel's socket buffers fill and TCP backpressure reaches the client —
+nothing is dropped.  Answers that take longer (requests, ``settled`` acks) run
+as tasks; a per-connection writer sends every answer in request order.
+
+Bad input never takes the server down: a frame that does not decode gets an
+``Error`` with the reason and the connection goes on (the length prefix keeps
+the stream in step); a length above ENGINE_MAX_FRAME_BYTES is refused before
+anything is allocated and the connection is closed, since the stream can no
+longer be trusted.  Every refusal is counted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import logging
+import os
+import socket
+from collections.abc import Awaitable
+from typing import TYPE_CHECKING, Any
+
+import msgspec
+
+from engine.errors import EngineClosed, EngineError, RequestFailed, RequestTimeout
+from engine.protocol import (
+    ERR_AUTH,
+    ERR_BAD_FRAME,
+    ERR_BAD_REQUEST,
+    ERR_BUSY,
+    ERR_CLOSED,
+    ERR_HANDLER,
+    ERR_INTERNAL,
+    ERR_TIMEOUT,
+    ERR_TOO_LARGE,
+    HEADER_BYTES,
+    PROTOCOL_VERSION,
+    Ack,
+    Broadcast,
+    ClientFrame,
+    Error,
+    Hello,
+    Publish,
+    Register,
+    Request,
+    Response,
+    SendOptions,
+    ServerFrame,
+    Submit,
+    Subscribe,
+    Welcome,
+    client_decoder,
+    encode_frame,
+    encode_frames_into,
+    frame_length,
+)
+
+if TYPE_CHECKING:
+    from engine.engine import Engine
+
+log = logging.getLogger("engine.ingress")
+
+PENDING_ANSWERS = 256  # answers queued per connection before its reader pauses
+HELLO_TIMEOUT_S = 10.0  # a connection must introduce itself within this time
+WRITE_BATCH = 64  # answers coalesced into one socket write at most
+
+COUNTERS = (
+    "connections_total",
+    "connections_rejected_total",
+    "auth_failures_total",
+    "frames_total",
+    "messages_total",
+    "bad_frames_total",
+    "errors_total",
+)
+
+Answer = ServerFrame | asyncio.Task[ServerFrame]
+
+
+class ProtocolViolation(EngineError):
+    """Raised inside a connection when the peer broke the framing; the connection closes."""
+
+    def __init__(self, code: str, reason: str) -> None:
+        self.code = code
+        super().__init__(reason)
+
+
+def send_options(opts: SendOptions) -> dict[str, Any]:
+    """The Engine keywords a frame's SendOptions stand for (only the non-default ones)."""
+    out: dict[str, Any] = {}
+    if opts.priority != "normal":
+        out["priority"] = opts.priority
+    if opts.ttl_s is not None:
+        out["ttl"] = opts.ttl_s
+    if opts.kind != "direct":
+        out["kind"] = opts.kind
+    if opts.sender:
+        out["sender"] = opts.sender
+    if opts.reply_to:
+        out["reply_to"] = opts.reply_to
+    if opts.tags:
+        out["tags"] = opts.tags
+    if opts.metadata:
+        out["metadata"] = opts.metadata
+    if opts.dedup_key:
+        out["dedup_key"] = opts.dedup_key
+    return out
+
+
+class Ingress:
+    """Accepts connections and turns their frames into engine calls."""
+
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        token: str,
+        max_frame_bytes: int,
+        max_connections: int,
+        answer_linger_s: float,
+    ) -> None:
+        self.engine = engine
+        self.answer_linger_s = answer_linger_s  # how long a closing connection may owe answers
+        self.token = token
+        self.max_frame_bytes = max_frame_bytes
+        self.max_connections = max_connections
+        self.counts: dict[str, int] = dict.fromkeys(COUNTERS, 0)
+        self.servers: list[asyncio.Server] = []
+        self.connections: dict[asyncio.Task[None], Connection] = {}
+        self.accepting = True
+        self.addresses: dict[str, str] = {}
+
+    @property
+    def active(self) -> int:
+        return len(self.connections)
+
+    async def start(self, host: str, port: int, socket_path: str) -> None:
+        """Listen on TCP (and the unix socket when a path is given)."""
+        server = await asyncio.start_server(self._accept, host, port, reuse_address=True)
+        self.servers.append(server)
+        bound = server.sockets[0].getsockname()
+        self.addresses["tcp"] = f"{bound[0]}:{bound[1]}"
+        if socket_path:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(socket_path)  # a stale socket of an earlier run
+            unix = await asyncio.start_unix_server(self._accept, socket_path)
+            self.servers.append(unix)
+            self.addresses["socket"] = socket_path
+
+    def stop_accepting(self) -> None:
+        """Close the listening sockets; open connections stop at their next frame."""
+        self.accepting = False
+        for server in self.servers:
+            server.close()
+
+    async def close(self, timeout: float) -> None:
+        """Give open connections ``timeout`` seconds to finish their answers, then cut them."""
+        self.stop_accepting()
+        for conn in self.connections.values():
+            conn.stop_reading()
+        if self.connections:
+            _, pending = await asyncio.wait(set(self.connections), timeout=timeout)
+            for task in pending:
+                task.cancel()
+            await asyncio.gather(*pending, return_exceptions=True)
+        path = self.addresses.get("socket")
+        if path:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+
+    async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self.counts["connections_total"] += 1
+        peer = writer.get_extra_info("peername") or "unix"
+        if not self.accepting or self.active >= self.max_connections:
+            self.counts["connections_rejected_total"] += 1
+            reason = (
+                "the service is shutting down"
+                if not self.accepting
+                else f"too many connections (ENGINE_MAX_CONNECTIONS={self.max_connections})"
+            )
+            log.warning("refused connection from %s: %s", peer, reason)
+            writer.write(
+                encode_frame(Error(0, ERR_CLOSED if not self.accepting else ERR_BUSY, reason))
+            )
+            await _close(writer)
+            return
+        sock = writer.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        conn = Connection(self, reader, writer, str(peer))
+        self.connections[task] = conn
+        try:
+            await conn.run()
+        finally:
+            self.connections.pop(task, None)
+
+
+class Connection:
+    """One client: a reader loop and an in-order writer of answers."""
+
+    def __init__(
+        self,
+        ingress: Ingress,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        peer: str,
+    ) -> None:
+        self.ingress = ingress
+        self.engine = ingress.engine
+        self.counts = ingress.counts
+        self.reader = reader
+        self.writer = writer
+        self.peer = peer
+        self.answers: asyncio.Queue[Answer | None] = asyncio.Queue(PENDING_ANSWERS)
+        self.slow: set[asyncio.Task[ServerFrame]] = set()  # requests and settled acks
+        self.idle = False
+
+    async def run(self) -> None:
+        sender = asyncio.ensure_future(self._send_answers())
+        try:
+            await self._handshake()
+            while self.ingress.accepting:
+                self.idle = True
+                frame = await self._read_frame()
+                self.idle = False
+                if frame is None:
+                    break
+                await self.answers.put(await self._handle(frame))
+        except ProtocolViolation as exc:
+            self._count_error(exc.code)
+            log.warning("closing connection from %s: %s", self.peer, exc)
+            await self.answers.put(Error(0, exc.code, str(exc)))
+        except (ConnectionError, asyncio.IncompleteReadError):
+            sender.cancel()  # the client went away; what it had in flight is its to retry
+        finally:
+            self.idle = False
+            await self._finish(sender)
+
+    async def _finish(self, sender: asyncio.Future[None]) -> None:
+        """Let the writer send the answers still owed (bounded), then close."""
+        if not sender.done():
+            await self.answers.put(None)
+            with contextlib.suppress(TimeoutError, ConnectionError, asyncio.CancelledError):
+                await asyncio.wait_for(asyncio.shield(sender), self.ingress.answer_linger_s)
+        sender.cancel()
+        for task in self.slow:
+            task.cancel()
+        await _close(self.writer)
+
+    def stop_reading(self) -> None:
+        """End the read loop if it is waiting for a frame (never inside one)."""
+        if self.idle:
+            self.reader.feed_eof()
+
+    async def _handshake(self) -> None:
+        try:
+            frame = await asyncio.wait_for(self._read_frame(), HELLO_TIMEOUT_S)
+        except TimeoutError:
+            raise ProtocolViolation(ERR_BAD_FRAME, f"no Hello within {HELLO_TIMEOUT_S}s") from None
+        if frame is None:
+            raise ConnectionResetError
+        if not isinstance(frame, Hello):
+            raise ProtocolViolation(ERR_BAD_FRAME, "the first frame must be Hello")
+        if frame.version != PROTOCOL_VERSION:
+            raise ProtocolViolation(
+                ERR_BAD_FRAME,
+                f"protocol version {frame.version} is not supported (server speaks "
+                f"{PROTOCOL_VERSION})",
+            )
+        token = self.ingress.token
+        if token and not hmac.compare_digest(frame.token.encode(), token.encode()):
+            self.counts["auth_failures_total"] += 1
+            reason = "a token is required" if not frame.token else "the token is wrong"
+            raise ProtocolViolation(ERR_AUTH, reason)
+        await self.answers.put(Welcome(PROTOCOL_VERSION, "ringway", self.ingress.max_frame_bytes))
+
+    async def _read_frame(self) -> ClientFrame | None:
+        """The next decodable frame; None at a clean end of stream."""
+        while True:
+            try:
+                header = await self.reader.readexactly(HEADER_BYTES)
+            except asyncio.IncompleteReadError as exc:
+                if exc.partial:
+                    raise ProtocolViolation(ERR_BAD_FRAME, "truncated frame header") from None
+                return None
+            n = frame_length(header)
+            if n > self.ingress.max_frame_bytes:
+                raise ProtocolViolation(
+                    ERR_TOO_LARGE,
+                    f"frame of {n:,} bytes exceeds ENGINE_MAX_FRAME_BYTES="
+                    f"{self.ingress.max_frame_bytes:,}",
+                )
+            try:
+                body = await self.reader.readexactly(n)
+            except asyncio.IncompleteReadError:
+                raise ProtocolViolation(
+                    ERR_BAD_FRAME, f"truncated frame (header said {n:,} bytes)"
+                ) from None
+            self.counts["frames_total"] += 1
+            try:
+                frame: ClientFrame = client_decoder.decode(body)
+            except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
+                self._count_error(ERR_BAD_FRAME)
+                await self.answers.put(
+                    Error(_seq_of(body), ERR_BAD_FRAME, f"undecodable frame: {exc}")
+                )
+            else:
+                return frame
+
+    async def _handle(self, frame: ClientFrame) -> Answer:
+        """Act on one frame; returns its answer (or an awaitable of it, kept in order)."""
+        eng = self.engine
+        try:
+            if isinstance(frame, Submit):
+                if frame.settled:
+                    return self._later(frame.seq, self._submit_settled(frame))
+                ids = await eng.submit_many(
+                    frame.items, raw_checked=True, **send_options(frame.options)
+                )
+                self.counts["messages_total"] += len(ids)
+                return Ack(frame.seq, ids)
+            if isinstance(frame, Request):
+                coro = eng.request(
+                    frame.recipient,
+                    frame.payload,
+                    timeout=frame.timeout_s,
+                    **send_options(frame.options),
+                )
+                return self._later(frame.seq, _response(frame.seq, coro))
+            if isinstance(frame, Publish):
+                ids = await eng.publish(frame.topic, frame.payload, **send_options(frame.options))
+                self.counts["messages_total"] += len(ids)
+                return Ack(frame.seq, ids)
+            if isinstance(frame, Broadcast):
+                ids = await eng.broadcast(frame.payload, **send_options(frame.options))
+                self.counts["messages_total"] += len(ids)
+                return Ack(frame.seq, ids)
+            if isinstance(frame, Subscribe):
+                if frame.unsubscribe:
+                    eng.unsubscribe(frame.topic, frame.recipient)
+                else:
+                    eng.subscribe(frame.topic, frame.recipient)
+                return Ack(frame.seq)
+            if isinstance(frame, Register):
+                if frame.unregister:
+                    eng.unregister(frame.recipient)
+                else:
+                    eng.register(frame.recipient)
+                return Ack(frame.seq)
+            return self._error(0, ERR_BAD_FRAME, "Hello may only be the first frame")
+        except EngineClosed as exc:
+            return self._error(_frame_seq(frame), ERR_CLOSED, str(exc))
+        except (ValueError, TypeError, EngineError) as exc:
+            return self._error(_frame_seq(frame), ERR_BAD_REQUEST, str(exc))
+
+    async def _submit_settled(self, frame: Submit) -> ServerFrame:
+        ids = await self.engine.submit_many(
+            frame.items, settled=True, raw_checked=True, **send_options(frame.options)
+        )
+        self.counts["messages_total"] += len(ids)
+        return Ack(frame.seq, ids)
+
+    def _later(self, seq: int, coro: Awaitable[ServerFrame]) -> asyncio.Task[ServerFrame]:
+        """Run a slow answer as a task; errors become Error frames for ``seq``."""
+
+        async def guarded() -> ServerFrame:
+            try:
+                return await coro
+            except RequestTimeout as exc:
+                return self._error(seq, ERR_TIMEOUT, str(exc))
+            except RequestFailed as exc:
+                return self._error(seq, ERR_HANDLER, str(exc))
+            except EngineClosed as exc:
+                return self._error(seq, ERR_CLOSED, str(exc))
+            except (ValueError, TypeError, EngineError) as exc:
+                return self._error(seq, ERR_BAD_REQUEST, str(exc))
+            except Exception as exc:
+                log.exception("request %d from %s failed", seq, self.peer)
+                return self._error(seq, ERR_INTERNAL, f"{type(exc).__name__}: {exc}")
+
+        task = asyncio.ensure_future(guarded())
+        self.slow.add(task)
+        task.add_done_callback(self.slow.discard)
+        return task
+
+    def _error(self, seq: int, code: str, reason: str) -> Error:
+        self._count_error(code)
+        return Error(seq, code, reason)
+
+    def _count_error(self, code: str) -> None:
+        self.counts["errors_total"] += 1
+        if code in (ERR_BAD_FRAME, ERR_TOO_LARGE):
+            self.counts["bad_frames_total"] += 1
+
+    async def _send_answers(self) -> None:
+        """Write answers in request order, several per socket write when they are ready."""
+        out = bytearray()
+        while True:
+            item = await self.answers.get()
+            if item is None:
+                return
+            batch = [await _settle(item)]
+            while len(batch) < WRITE_BATCH and not self.answers.empty():
+                nxt = self.answers.get_nowait()
+                if nxt is None:
+                    self._write(batch, out)
+                    await self.writer.drain()
+                    return
+                if isinstance(nxt, asyncio.Future) and not nxt.done():
+                    self._write(batch, out)  # what is ready goes out while this one waits
+                    batch = []
+                batch.append(await _settle(nxt))
+            self._write(batch, out)
+            await self.writer.drain()
+
+    def _write(self, frames: list[ServerFrame], out: bytearray) -> None:
+        if frames:
+            out.clear()
+            encode_frames_into(list(frames), out)
+            self.writer.write(bytes(out))
+
+
+async def _settle(answer: Answer) -> ServerFrame:
+    if isinstance(answer, asyncio.Future):
+        return await answer
+    return answer
+
+
+async def _response(seq: int, coro: Awaitable[Any]) -> ServerFrame:
+    value = await coro
+    return Response(seq, msgspec.Raw(msgspec.msgpack.encode(value)))
+
+
+def _frame_seq(frame: ClientFrame) -> int:
+    return getattr(frame, "seq", 0)
+
+
+def _seq_of(body: bytes) -> int:
+    """Best-effort seq of an undecodable frame (element 1 of its array), else 0."""
+    try:
+        raw = msgspec.msgpack.decode(body)
+    except (msgspec.DecodeError, RecursionError):
+        return 0
+    if isinstance(raw, list) and len(raw) > 1 and type(raw[1]) is int and 0 <= raw[1] < 1 << 63:
+        return raw[1]
+    return 0
+
+
+async def _close(writer: asyncio.StreamWriter) -> None:
+    writer.close()
+    with contextlib.suppress(ConnectionError, OSError):
+        await writer.wait_closed()
