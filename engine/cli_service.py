@@ -8,6 +8,7 @@ it from the same ENGINE_* settings the service reads, or from ``--url``.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import sys
 import time
@@ -157,7 +158,14 @@ async def _demo_load(service: Any, n: int) -> None:
         await client.flush()
     await service.engine.drain(service.config.shutdown_timeout_s)
     elapsed = time.perf_counter() - started
+    # Latencies and per-worker counts come with the monitor's next report.
+    deadline = time.monotonic() + 3 * service.config.stats_interval_s + 1
     stats = service.stats()
+    while sum(w["delivered"] for w in stats["workers"]) < stats["delivered"]:
+        if time.monotonic() > deadline:
+            break
+        await asyncio.sleep(0.1)
+        stats = service.stats()
     print_stats(stats, title=f"demo: {n:,} messages in {elapsed:.2f}s ({n / elapsed:,.0f} msgs/s)")
     http = service.addresses["http"]
     print(

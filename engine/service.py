@@ -21,6 +21,7 @@ from typing import Any
 
 from engine.config import Config, ConfigError
 from engine.engine import Engine
+from engine.errors import EngineStartError
 from engine.exitcodes import ExitCode
 from engine.http import HTTP_COUNTERS
 from engine.ingress import Ingress
@@ -114,12 +115,21 @@ class Service:
                 max_connections=cfg.max_connections,
                 answer_linger_s=cfg.shutdown_timeout_s,
             )
-            await self.ingress.start(cfg.host, cfg.port, cfg.socket)
+            try:
+                await self.ingress.start(cfg.host, cfg.port, cfg.socket)
+            except OSError as exc:
+                where = f"{cfg.host}:{cfg.port}" + (f" / {cfg.socket}" if cfg.socket else "")
+                raise EngineStartError(f"cannot listen on {where} (ENGINE_PORT): {exc}") from exc
             self.addresses.update(self.ingress.addresses)
             self.runner = web.AppRunner(make_app(self), access_log=None, handle_signals=False)
             await self.runner.setup()
             site = web.TCPSite(self.runner, cfg.host, cfg.http_port, reuse_address=True)
-            await site.start()
+            try:
+                await site.start()
+            except OSError as exc:
+                raise EngineStartError(
+                    f"cannot listen on {cfg.host}:{cfg.http_port} (ENGINE_HTTP_PORT): {exc}"
+                ) from exc
             bound = site._server.sockets[0].getsockname()  # type: ignore[union-attr]
             self.addresses["http"] = f"{bound[0]}:{bound[1]}"
         except BaseException:
