@@ -23,7 +23,7 @@ import logging
 import os
 import socket
 from collections.abc import Awaitable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import msgspec
 
@@ -257,6 +257,9 @@ class Connection:
     def stop_reading(self) -> None:
         """End the read loop if it is waiting for a frame (never inside one)."""
         if self.idle:
+            # Paused first: data arriving after feed_eof would trip the reader's assert.
+            # (uvloop's transports are not asyncio.ReadTransport subclasses: no isinstance)
+            cast(asyncio.Transport, self.writer.transport).pause_reading()
             self.reader.feed_eof()
 
     async def _handshake(self) -> None:
