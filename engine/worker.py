@@ -145,7 +145,10 @@ class Worker:
         self.counters = dict.fromkeys(WORKER_COUNTERS, 0)
         self.lat_start = Histogram()
         self.lat_settle = Histogram()
-        self.wake = asyncio.Event()  # work for runners, or space in the window
+        self.wake = asyncio.Event()  # space in the window, or all settled (reader, stop)
+        # Idle runners park on their own future and are woken one at a time: one Event
+        # for the whole pool woke every idle coroutine on every settle (~5 us each).
+        self.idle_runners: deque[asyncio.Future[None]] = deque()
         self.flush_wanted = asyncio.Event()
         self.flush_lock = asyncio.Lock()
         self.side_tasks: set[asyncio.Task[None]] = set()
@@ -237,6 +240,7 @@ class Worker:
                 ready.append(st)
         self.unsettled += len(msgs)
         self.wake.set()
+        self._wake_runner()
         return len(msgs)
 
     def _deliver_now(self, track: FrameTrack, msgs: list[Message]) -> None:
@@ -328,6 +332,17 @@ class Worker:
             st.avail += 1
             self.ready[lane].append(st)
         self.wake.set()
+        self._wake_runner()
+
+    def _wake_runner(self, every: bool = False) -> None:
+        """Hand new work to one idle runner (``every``: wake them all, e.g. to exit)."""
+        idle = self.idle_runners
+        while idle:
+            fut = idle.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                if not every:
+                    return
 
     # -- choosing the next message ---------------------------------------------
     def next_pending(self) -> Pending | None:
@@ -426,7 +441,7 @@ class Worker:
             self._after(due_ns, self._retry_due, p)
             return
         self.due.append(p)
-        self.wake.set()
+        self._wake_runner()
 
     def _expire_due(self, p: Pending, due_ns: int) -> None:
         now = time.monotonic_ns()
@@ -457,6 +472,7 @@ class Worker:
             if st.wants_slot(self.limit):
                 st.avail += 1
                 self.ready[st.key[0]].append(st)
+                self._wake_runner()
             elif st.idle():
                 del self.lanes[st.key[0]][st.key[1]]
         if track.remaining == 0:
@@ -464,6 +480,8 @@ class Worker:
         if self.out:
             self.flush_wanted.set()  # replies and dead letters go out this tick
         self.wake.set()
+        if self.stopping and self.unsettled == 0:
+            self._wake_runner(every=True)  # nothing left: let them all return
 
     def _maybe_commit(self, track: FrameTrack) -> None:
         frames = self.frames[track.lane]
@@ -555,10 +573,14 @@ class Worker:
             p = self.next_pending()
             if p is None:
                 if self.stopping and self.unsettled == 0:
+                    self._wake_runner(every=True)
                     return None
-                self.wake.clear()
-                await self.wake.wait()
+                parked = asyncio.get_running_loop().create_future()
+                self.idle_runners.append(parked)
+                await parked
                 continue
+            if self.idle_runners and (self.due or any(self.ready)):
+                self._wake_runner()  # more work than this runner: pass the baton on
             started = self.start_delivery(p)
             if started is not _SETTLED:
                 self._mark(p)
@@ -729,6 +751,7 @@ class Worker:
         self.stopping = True
         reader.cancel()
         self.wake.set()
+        self._wake_runner(every=True)
         self.flush_wanted.set()
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(self.config.shutdown_timeout_s):
