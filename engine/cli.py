@@ -219,11 +219,16 @@ def _cmd_stress(args: argparse.Namespace) -> int:
     """Hand the rest of the command line to the harness (it lives in bench/, loaded lazily)."""
     from bench.stress.cli import main as stress_main
 
-    return int(stress_main(list(args.argv)))
+    argv = list(args.argv)
+    return int(stress_main(argv[1:] if argv[:1] == ["--"] else argv))
 
 
 def main(argv: list[str] | None = None) -> int:
     """Run the ``engine`` command and return its exit code (see `ExitCode`)."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["stress"]:
+        # argparse's REMAINDER cannot start with an option (`engine stress --help`).
+        argv = ["stress", "--", *argv[1:]]
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
