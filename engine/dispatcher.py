@@ -30,7 +30,14 @@ from engine.deadletters import DeadLetterStore
 from engine.errors import CodecError, EngineClosed, FrameTooLargeError, QueueFull, RequestFailed
 from engine.sharding import Sharder
 from ipc.codec import Kind, Priority, pack_payload, parse_kind, parse_priority
-from ipc.records import DeadLetter, FrameDone, Redelivered, Reply, decode_records
+from ipc.records import (
+    DeadLetter,
+    FrameDone,
+    Redelivered,
+    Reply,
+    WorkerStarted,
+    decode_records,
+)
 from ipc.ring import SPACE_RECHECK_S, RingConsumer, RingProducer
 from ipc.shard import LANES, EngineWakeups, ShardMemory
 
@@ -162,6 +169,8 @@ class Dispatcher:
         self.lane_settled = [0] * LANES
         self.futures: dict[int, asyncio.Future[Any]] = {}
         self.dead = DeadLetterStore(config.dlq_max, config.dlq_path)
+        # Dead letters whose frame is not reported settled yet, per shard (see DeadLetter).
+        self.provisional: list[list[DeadLetter]] = [[] for _ in shards]
         self.recipients: dict[str, None] = {}
         self.topics: dict[str, dict[str, None]] = {}
         self.settled_event = asyncio.Event()
@@ -433,7 +442,10 @@ class Dispatcher:
     def _record(self, shard: int, rec: Any) -> None:
         if isinstance(rec, FrameDone):
             acked = self.acked[shard]
-            if rec.end > acked[rec.lane]:  # else: a report repeated by a respawned worker
+            fresh = rec.end > acked[rec.lane]  # else: a report repeated by a respawned worker
+            if self.provisional[shard]:
+                self._settle_letters(shard, rec.lane, rec.end, keep=fresh)
+            if fresh:
                 acked[rec.lane] = rec.end
                 self.counts["delivered"] += rec.delivered
                 self.counts["dead_lettered"] += rec.dead_lettered
@@ -448,9 +460,28 @@ class Dispatcher:
             else:
                 fut.set_exception(RequestFailed(rec.error))
         elif isinstance(rec, DeadLetter):
-            self.dead.add(rec)
+            if rec.lane < 0:
+                self.dead.add(rec)
+            elif rec.frame_end > self.acked[shard][rec.lane]:
+                self.provisional[shard].append(rec)
+            # else: its frame was reported settled before; this is a redelivery's echo
         elif isinstance(rec, Redelivered):
             self.counts["redelivered"] += rec.count
+        elif isinstance(rec, WorkerStarted):
+            # The previous worker died before reporting these letters' frames: those
+            # frames are delivered again, and the new outcomes are the ones that count.
+            self.provisional[shard].clear()
+
+    def _settle_letters(self, shard: int, lane: int, end: int, keep: bool) -> None:
+        """Store (``keep``) or drop the provisional letters of frames up to ``end`` in ``lane``."""
+        waiting: list[DeadLetter] = []
+        for dl in self.provisional[shard]:
+            if dl.lane == lane and dl.frame_end <= end:
+                if keep:
+                    self.dead.add(dl)
+            else:
+                waiting.append(dl)
+        self.provisional[shard] = waiting
 
     async def settle_marks(self, outs: list[Outgoing]) -> list[tuple[int, int, int]]:
         """Write ``outs`` to their rings; (shard, lane, ring position) each must be acked past.

@@ -40,7 +40,15 @@ from engine.errors import CodecError, EngineError, Reject, Retry
 from engine.sinks import Sink
 from ipc.codec import Kind, Message, decode, decode_batch
 from ipc.control import Histogram, StatsSnapshot, WorkerFailed, WorkerReady, send_control
-from ipc.records import DeadLetter, FrameDone, Redelivered, Reply, ReturnRecord, encode_records
+from ipc.records import (
+    DeadLetter,
+    FrameDone,
+    Redelivered,
+    Reply,
+    ReturnRecord,
+    WorkerStarted,
+    encode_records,
+)
 from ipc.ring import RingConsumer, RingProducer
 from ipc.shard import (
     LANES,
@@ -136,7 +144,7 @@ class Worker:
         self.ready: list[deque[RecipientLane]] = [deque() for _ in range(LANES)]
         self.due: deque[Pending] = deque()  # retries whose backoff ended
         self.unsettled = 0
-        self.out: list[ReturnRecord] = []
+        self.out: list[ReturnRecord] = [WorkerStarted(os.getpid())]
         self.commit_dirty = [False] * LANES
         self.higher_streak = 0
         self.fetch_streak = 0  # frames fetched from higher lanes while a lower one waited
@@ -453,7 +461,8 @@ class Worker:
     def dead_letter(self, p: Pending, reason: str, error: str) -> None:
         msg = p.msg
         now = time.monotonic_ns()
-        self.out.append(DeadLetter(msg, reason, msg.attempt + 1, error, now))
+        track = p.frame
+        self.out.append(DeadLetter(msg, reason, msg.attempt + 1, error, now, track.lane, track.end))
         if msg.kind == Kind.REQUEST and msg.correlation_id:
             self.out.append(Reply(msg.correlation_id, False, _NIL, f"{reason}: {error}"))
         self.settle(p, DEAD_LETTERED, now)
@@ -774,8 +783,8 @@ def _shrunk(rec: ReturnRecord, size: int, limit: int) -> ReturnRecord:
         return Reply(rec.correlation_id, False, _NIL, f"reply too large {note}")
     if isinstance(rec, DeadLetter):
         msg = msgspec.structs.replace(rec.message, payload=_NIL)
-        return DeadLetter(msg, rec.reason, rec.attempts, f"{rec.error} [payload dropped {note}]",
-                          rec.at_ns)  # fmt: skip
+        error = f"{rec.error} [payload dropped {note}]"
+        return DeadLetter(msg, rec.reason, rec.attempts, error, rec.at_ns, rec.lane, rec.frame_end)
     return rec
 
 

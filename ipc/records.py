@@ -37,13 +37,21 @@ class Reply(msgspec.Struct, array_like=True, tag=1, gc=False):
 
 
 class DeadLetter(msgspec.Struct, array_like=True, tag=2):
-    """A message that will not be delivered, and why."""
+    """A message that will not be delivered, and why.
+
+    ``lane`` and ``frame_end`` name the input frame it came in: the dispatcher
+    keeps the letter provisional until that frame's FrameDone arrives, because a
+    worker that dies before reporting the frame has its messages delivered again
+    (and one may then succeed).
+    """
 
     message: Message
     reason: str
     attempts: int
     error: str = ""
     at_ns: int = 0
+    lane: int = -1
+    frame_end: int = 0
 
 
 class Redelivered(msgspec.Struct, array_like=True, tag=3, gc=False):
@@ -52,7 +60,13 @@ class Redelivered(msgspec.Struct, array_like=True, tag=3, gc=False):
     count: int
 
 
-ReturnRecord = FrameDone | Reply | DeadLetter | Redelivered
+class WorkerStarted(msgspec.Struct, array_like=True, tag=4, gc=False):
+    """A new worker process took over the shard: what its predecessor left unreported is void."""
+
+    pid: int
+
+
+ReturnRecord = FrameDone | Reply | DeadLetter | Redelivered | WorkerStarted
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(list[ReturnRecord])

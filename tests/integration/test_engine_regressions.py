@@ -153,3 +153,31 @@ def test_a_flood_in_a_high_lane_cannot_keep_a_low_lane_out_of_the_window(
     # With the guard every low message is through within a few dozen deliveries
     # (measured: by position ~26); without it the last one waits for the flood (~402).
     assert max(lows) < 200, f"the low lane waited for the critical flood: {lows}"
+
+
+def test_dead_letters_of_a_killed_worker_are_void_when_the_redelivery_succeeds() -> None:
+    """A worker dead-letters a message and dies before reporting its frame; the frame is
+    delivered again and the message may succeed. The store used to keep the first letter,
+    so ``dead_letters()`` disagreed with ``stats()["dead_lettered"]`` (and a replay would
+    resend delivered messages)."""
+    import os
+    import signal
+
+    cfg = _config(sink="mock", mock_delay_s=0.005, mock_success_rate=0.5, retry_max_attempts=1)
+
+    async def go() -> tuple[dict[str, Any], list[Any]]:
+        async with Engine(None, cfg) as eng:
+            await eng.submit_many([(f"Agent-{i % 4}", None) for i in range(1500)])
+            for _ in range(3):
+                await asyncio.sleep(0.4)
+                pids = [w["pid"] for w in eng.stats()["workers"] if w["alive"]]
+                if pids:
+                    os.kill(pids[0], signal.SIGKILL)
+            assert await eng.drain(120)
+            return eng.stats(), eng.dead_letters()
+
+    s, letters = asyncio.run(go())
+    assert s["submitted"] == s["delivered"] + s["dead_lettered"] == 1500, s
+    assert s["redelivered"] > 0, "no kill landed mid-window: the test proved nothing"
+    assert len(letters) == s["dead_lettered"], (len(letters), s)
+    assert len({dl.message.id for dl in letters}) == len(letters)
