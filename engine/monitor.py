@@ -86,6 +86,7 @@ class WorkerSlot:
     retired_settle: Histogram = field(default_factory=Histogram)
     ps: Any = None
     rss: int = 0
+    error: str = ""  # why the last process could not boot; cleared once one is ready
     recycled: int = 0
     recycle_pid: int = 0  # the process asked to exit gracefully, 0 when none
     message_limit: int = 0  # this process's jittered ENGINE_MAX_MESSAGES_PER_WORKER
@@ -156,6 +157,7 @@ class Monitor:
                             self.report_failure(slot.index, msg.error)
                             return False
                     elif obj == slot.proc.sentinel:
+                        slot.proc.join(1.0)  # reaped, so exitcode is set (not None)
                         msg = self.read(slot) if slot.conn.poll() else None
                         error = (
                             msg.error
@@ -180,7 +182,10 @@ class Monitor:
         if isinstance(msg, WorkerReady):
             slot.ready = True
             slot.boot_failures = 0
+            slot.error = ""
             send_control(self.conn, msg)
+        elif isinstance(msg, WorkerFailed):
+            slot.error = msg.error
         elif isinstance(msg, StatsSnapshot):
             slot.latest = msg
         return msg
@@ -199,11 +204,16 @@ class Monitor:
             return
         slot.restarts += 1
         now = time.monotonic()
-        if code == EXIT_BOOT_FAILED:
+        if code == EXIT_BOOT_FAILED or not slot.ready:
+            # Any death before ready is a boot failure (an import that exits hard too):
+            # back off, never a respawn storm, and say why.
             slot.boot_failures += 1
             delay = min(5.0, 0.1 * 2**slot.boot_failures)
+            if code != EXIT_BOOT_FAILED or not slot.error:
+                slot.error = f"exited with code {code} before it was ready"
             self.report_failure(
-                slot.index, f"worker {slot.index} cannot boot; retrying in {delay:.1f}s"
+                slot.index,
+                f"worker {slot.index} cannot boot: {slot.error}; retrying in {delay:.1f}s",
             )
             slot.respawn_at = now + delay
             return
@@ -305,6 +315,7 @@ class Monitor:
                     delivered=delivered,
                     beat_age_s=now - slot.last_beat_at,
                     recycled=slot.recycled,
+                    error=slot.error,
                 )
             )
         return MonitorReport(

@@ -70,6 +70,7 @@ def build_stats(
                 "delivered": w.delivered,
                 "heartbeat_age_s": w.beat_age_s,
                 "recycled": w.recycled,
+                "error": w.error,
             }
             for w in (report.workers if report else [])
         ],

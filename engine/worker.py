@@ -114,7 +114,7 @@ class WorkerPlan:
 
 
 def window_for(config: Config) -> int:
-    """Unsettled messages a worker may hold: bounds memory and redelivery after a crash."""
+    """Messages a worker may hold fetched and uncommitted: bounds memory and redelivery."""
     return max(4 * config.delivery_concurrency, 2 * config.batch_size)
 
 
@@ -150,6 +150,10 @@ class Worker:
         self.fetch_streak = 0  # frames fetched from higher lanes while a lower one waited
         self.stopping = False
         self.round_start = 0
+        # Messages in frames fetched and not yet committed: what a crash would deliver
+        # again. The window bounds this (not just the unsettled ones), so a return ring
+        # that lags cannot let the redelivery window grow.
+        self.held = 0
         self.counters = dict.fromkeys(WORKER_COUNTERS, 0)
         self.lat_start = Histogram()
         self.lat_settle = Histogram()
@@ -175,7 +179,7 @@ class Worker:
         consumers = self.consumers
         rings = self.shard.lanes
         self.round_start = monotonic_ns()
-        while taken < max_frames and self.unsettled < self.window and not self.stopping:
+        while taken < max_frames and self.held < self.window and not self.stopping:
             if monotonic_ns() - self.round_start > YIELD_AFTER_NS:
                 return max_frames  # a full round: the reader yields, then fetches on
 
@@ -213,6 +217,7 @@ class Worker:
         except CodecError:
             msgs, bad = _salvage(frame)
         track = FrameTrack(lane, end, len(msgs) + len(bad))
+        self.held += track.size
         self.frames[lane].append(track)
         for index, error in bad:
             # Never crash on a frame (it would come back after every respawn): the
@@ -515,6 +520,7 @@ class Worker:
 
     async def _flush(self) -> None:
         commits: list[tuple[int, int]] = []
+        released = 0
         for lane in range(LANES):
             if not self.commit_dirty[lane]:
                 continue
@@ -526,6 +532,7 @@ class Worker:
                 d, x, e = t.counts
                 self.out.append(FrameDone(lane, t.end, d, x, e))
                 end = t.end
+                released += t.size
             if end >= 0:
                 commits.append((lane, end))
         if self.out:
@@ -533,6 +540,9 @@ class Worker:
             await self.returns.write_async(self._return_frames(records))
         for lane, end in commits:
             self.consumers[lane].commit(end)
+        if released:
+            self.held -= released
+            self.wake.set()  # the reader may fetch again
 
     def _return_frames(self, records: list[ReturnRecord]) -> list[bytes]:
         """Encode records into frames that fit the return ring (by count and by bytes)."""
@@ -564,9 +574,9 @@ class Worker:
             beat()  # progress is a sign of life too, whatever the timer's luck on a busy host
             if self.out:
                 self.flush_wanted.set()
-            if full_round and self.unsettled < self.window:
+            if full_round and self.held < self.window:
                 await asyncio.sleep(0)  # more is waiting: let the flusher and heartbeat run
-            elif self.unsettled >= self.window:
+            elif self.held >= self.window:
                 self.wake.clear()
                 await self.wake.wait()  # settles make room
             else:

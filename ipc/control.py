@@ -224,6 +224,7 @@ class WorkerInfo(msgspec.Struct, array_like=True):
     delivered: NonNegative
     beat_age_s: float
     recycled: NonNegative = 0  # graceful restarts: reload, RSS or message limit
+    error: str = ""  # why the worker cannot boot, while it cannot
 
 
 class MonitorReport(msgspec.Struct, array_like=True, tag="report"):
