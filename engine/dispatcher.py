@@ -300,7 +300,7 @@ class Dispatcher:
         """Queue one message now, or raise QueueFull and queue nothing."""
         if self.closed:
             raise EngineClosed("the engine is not running; submit inside `async with Engine(...)`")
-        _, recipient, lane, data = out
+        _, recipient, lane, _ = out
         shard = self.shard_of(recipient)
         buf = self.buffers[shard][lane]
         if len(buf) + 1 < self.config.batch_size:
@@ -315,19 +315,23 @@ class Dispatcher:
                 f"lane {lane_name} of worker {shard} is full "
                 f"({len(buf)} messages waiting for ring space)"
             )
-        frames = [f for f, _ in _frames([*buf, data], self.config.batch_size, self.max_frame_bytes)]
-        try:
-            producer.write_nowait(frames)
-        except QueueFull:
+        # The buffered messages are accepted already: write what fits of them, frame by
+        # frame; the new one is queued only if that makes room for it in the buffer.
+        written = 0
+        for frame, n in _frames(buf, self.config.batch_size, self.max_frame_bytes):
+            if not producer.offer((frame,)):
+                break
+            written += n
+            self.counts["batches"] += 1
+        del buf[:written]
+        if len(buf) + 1 >= self.config.batch_size:
             raise QueueFull(
-                f"lane {lane_name} of worker {shard} is full ({len(buf) + 1} messages "
+                f"lane {lane_name} of worker {shard} is full ({len(buf)} messages "
                 f"waiting, {producer.ring.used_bytes():,} of {producer.ring.capacity:,} "
                 f"ring bytes in use)"
-            ) from None
-        buf.clear()
-        self.counts["submitted"] += 1
-        self.lane_submitted[lane] += 1
-        self.counts["batches"] += len(frames)
+            )
+        self._append(out)
+        self._schedule_flush()
 
     def _schedule_flush(self) -> None:
         if not self.pending_flush:

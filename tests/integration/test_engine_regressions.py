@@ -181,3 +181,19 @@ def test_dead_letters_of_a_killed_worker_are_void_when_the_redelivery_succeeds()
     assert s["redelivered"] > 0, "no kill landed mid-window: the test proved nothing"
     assert len(letters) == s["dead_lettered"], (len(letters), s)
     assert len({dl.message.id for dl in letters}) == len(letters)
+
+
+def test_submit_nowait_fills_a_batch_larger_than_the_ring_without_queue_full() -> None:
+    """A full batch bigger than the whole ring used to be written all-or-nothing, so the
+    message completing it raised QueueFull on an empty ring."""
+    cfg = _config(sink="null", ring_bytes=65536, batch_size=16)
+
+    async def go() -> dict[str, Any]:
+        async with Engine(None, cfg) as eng:
+            for _ in range(16):
+                eng.submit_nowait("a", b"x" * 4096)  # 16 x 4 KiB: more than the 64 KiB ring
+            assert await eng.drain(30)
+            return eng.stats()
+
+    s = asyncio.run(go())
+    assert s["submitted"] == s["delivered"] == 16, s
