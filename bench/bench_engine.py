@@ -23,9 +23,9 @@ from __future__ import annotations
 import asyncio
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import msgspec
 import psutil
@@ -130,18 +130,19 @@ class LatencyRun(msgspec.Struct, frozen=True):
     rss_after_bytes: list[int]
 
 
-def make_items(n: int) -> list[Item]:
-    return [(f"Agent-{i % RECIPIENTS}", PAYLOAD) for i in range(n)]
+def make_items(n: int, recipients: int = RECIPIENTS) -> list[Item]:
+    return [(f"Agent-{i % recipients}", PAYLOAD) for i in range(n)]
 
 
-def make_config(case: Case) -> Config:
-    return Config.from_env(
-        env={},
-        workers=WORKERS,
-        sink=case.sink,
-        mock_delay_s=case.mock_delay_s,
-        stats_interval_s=STATS_INTERVAL_S,
-    )
+def make_config(case: Case, **overrides: Any) -> Config:
+    """The case's engine configuration; ``overrides`` (other groups' knobs) win."""
+    base: dict[str, Any] = {
+        "workers": WORKERS,
+        "sink": case.sink,
+        "mock_delay_s": case.mock_delay_s,
+        "stats_interval_s": STATS_INTERVAL_S,
+    }
+    return Config.from_env(env={}, **(base | overrides))
 
 
 # -- engine side -------------------------------------------------------------------
@@ -167,7 +168,7 @@ def _machine_busy_s() -> float:
 def _engine_pids(eng: Engine) -> dict[str, int]:
     """The monitor and the workers, by role (the workers' pids from the monitor's report)."""
     workers = eng.stats()["workers"]
-    if len(workers) != WORKERS:  # no report yet: the monitor's children are the workers
+    if len(workers) != eng.config.workers:  # no report yet: the monitor's children are the workers
         children = psutil.Process(eng.monitor.pid).children()
         return {"monitor": eng.monitor.pid} | {
             f"worker{i}": c.pid for i, c in enumerate(sorted(children, key=lambda c: c.pid))
@@ -202,9 +203,10 @@ async def fresh_stats(eng: Engine, settled: int) -> dict[str, Any]:
     return stats
 
 
-async def engine_run(case: Case, items: list[Item]) -> EngineRun:
+async def engine_run(case: Case, items: list[Item], **overrides: Any) -> EngineRun:
+    """One timed run on a fresh engine; ``overrides`` are Config fields (workers, batch_size...)."""
     n = len(items)
-    async with Engine(case.handler, make_config(case)) as eng:
+    async with Engine(case.handler, make_config(case, **overrides)) as eng:
         pids = _engine_pids(eng)
         cpu0 = _process_cpu_s(pids)
         machine0 = _machine_busy_s()
@@ -221,7 +223,9 @@ async def engine_run(case: Case, items: list[Item]) -> EngineRun:
         stats = await fresh_stats(eng, n)
         mean_handler_s = _mean_start_to_settle_s(eng)
         loops = (
-            [await eng.request(r, timeout=30) for r in _one_per_shard()] if case.check_loops else []
+            [await eng.request(r, timeout=30) for r in _one_per_shard(eng.config.workers)]
+            if case.check_loops
+            else []
         )
     cpu_s = {"dispatcher": here} | {r: cpu1[r] - cpu0[r] for r in cpu1 if r in cpu0}
     cpu_s["others"] = max(0.0, machine - sum(cpu_s.values()))
@@ -239,11 +243,11 @@ async def engine_run(case: Case, items: list[Item]) -> EngineRun:
     )
 
 
-def _one_per_shard() -> list[str]:
+def _one_per_shard(workers: int = WORKERS) -> list[str]:
     """A recipient of each worker (requests to them reach every worker)."""
     found: dict[int, str] = {}
     for i in range(RECIPIENTS):
-        found.setdefault(stable_shard(f"Agent-{i}", WORKERS), f"Agent-{i}")
+        found.setdefault(stable_shard(f"Agent-{i}", workers), f"Agent-{i}")
     return [found[k] for k in sorted(found)]
 
 
@@ -259,21 +263,43 @@ def _mean_start_to_settle_s(eng: Engine) -> float:
     return (settle.sum_ns / settle.count - start.sum_ns / max(start.count, 1)) / 1e9
 
 
+class Paced(NamedTuple):
+    """What a paced submission achieved."""
+
+    messages: int
+    offered_msgs_per_s: float
+    max_tick_lag_s: float  # how far the submitter fell behind its schedule (0 = on time)
+
+
+async def paced(
+    submit_many: Callable[[list[Item]], Awaitable[object]],
+    items: list[Item],
+    rate: float,
+    tick_s: float = LATENCY_TICK_S,
+) -> Paced:
+    """Submit ``items`` at ``rate`` msgs/s: a slice every tick, sleeping in between (no spin).
+
+    A submitter that falls behind catches up at once (the schedule is absolute), so an
+    overloaded side sees the load it was offered, not a politely reduced one.
+    """
+    per_tick = max(1, round(rate * tick_s))
+    lag = 0.0
+    start = time.monotonic()
+    for k, first in enumerate(range(0, len(items), per_tick)):
+        delay = start + k * per_tick / rate - time.monotonic()
+        lag = max(lag, -delay)
+        await asyncio.sleep(max(delay, 0.0))  # sleep(0) still lets the flush run
+        await submit_many(items[first : first + per_tick])
+    return Paced(len(items), len(items) / (time.monotonic() - start), lag)
+
+
 async def engine_latency(seconds: float) -> LatencyRun:
     """Offer LATENCY_RATE msgs/s in ticks; percentiles of submit -> handler start."""
-    per_tick = round(LATENCY_RATE * LATENCY_TICK_S)
-    ticks = round(seconds / LATENCY_TICK_S)
-    items = make_items(per_tick * ticks)
+    items = make_items(round(LATENCY_RATE * seconds))
     case = CASES["noop_null"]
     async with Engine(case.handler, make_config(case)) as eng:
-        lag = 0.0
-        start = time.monotonic()
-        for k in range(ticks):
-            delay = start + k * LATENCY_TICK_S - time.monotonic()
-            lag = max(lag, -delay)
-            await asyncio.sleep(max(delay, 0.0))  # sleep(0) still lets the flush run
-            await eng.submit_many(items[k * per_tick : (k + 1) * per_tick])
-        offered = len(items) / (time.monotonic() - start)
+        pace = await paced(eng.submit_many, items, LATENCY_RATE)
+        lag, offered = pace.max_tick_lag_s, pace.offered_msgs_per_s
         steady = eng.stats()["workers"]  # the latest report, taken under load
         drained = await eng.drain(timeout=DRAIN_TIMEOUT_S)
         check_settled(eng.stats(), len(items), drained)

@@ -45,17 +45,23 @@ class BaselineRun(msgspec.Struct, frozen=True):
 
 
 class PriorityQueueBroker:
-    """The original design's broker: one PriorityQueue, one sequential consumer."""
+    """The original design's broker: one PriorityQueue, one sequential consumer.
+
+    Subclasses change ``CONSUMERS`` and ``_consume`` (bench.design_baselines).
+    """
+
+    CONSUMERS = 1
 
     def __init__(self, handler: Callable[[Message], Any], maxsize: int = QUEUE_MAX) -> None:
         self.handler = handler
         self.queue: asyncio.PriorityQueue[tuple[int, int, Message]] = asyncio.PriorityQueue(maxsize)
         self.seq = itertools.count(1)
         self.handled = 0
-        self.consumer: asyncio.Task[None] | None = None
+        self.consumers: list[asyncio.Task[None]] = []
 
     def start(self) -> None:
-        self.consumer = asyncio.get_running_loop().create_task(self._consume())
+        loop = asyncio.get_running_loop()
+        self.consumers = [loop.create_task(self._consume()) for _ in range(self.CONSUMERS)]
 
     async def submit(
         self, recipient: str, payload: msgspec.Raw, priority: Priority = Priority.NORMAL
@@ -87,16 +93,18 @@ class PriorityQueueBroker:
         await self.queue.join()
 
     async def stop(self) -> None:
-        if self.consumer is not None:
-            self.consumer.cancel()
-            await asyncio.gather(self.consumer, return_exceptions=True)
+        for task in self.consumers:
+            task.cancel()
+        await asyncio.gather(*self.consumers, return_exceptions=True)
 
 
 async def measure_priority_queue(
-    handler: Callable[[Message], Any], items: Sequence[Item]
+    handler: Callable[[Message], Any],
+    items: Sequence[Item],
+    broker_type: type[PriorityQueueBroker] = PriorityQueueBroker,
 ) -> BaselineRun:
     """Submit every item, wait until each is handled; the clock covers exactly that."""
-    broker = PriorityQueueBroker(handler)
+    broker = broker_type(handler)
     broker.start()
     try:
         t0 = time.perf_counter()

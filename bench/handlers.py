@@ -76,3 +76,23 @@ def cpu_50us(msg: Any) -> int:
 async def io_1ms(msg: Any) -> None:
     """An I/O-bound handler: one 1 ms await, as a network call would be."""
     await asyncio.sleep(IO_DELAY_S)
+
+
+STAMP_DIR_ENV = "RINGWAY_BENCH_STAMP_DIR"
+_stamped = False
+
+
+def stamped_noop(msg: Any) -> None:
+    """A no-op that notes when its process first delivered: ``$STAMP_DIR/<pid>`` holds the ns.
+
+    The recovery benchmark reads the respawned worker's file to time kill -> next
+    delivery (CLOCK_MONOTONIC is machine-wide on Linux); one flag check per call.
+    """
+    global _stamped  # noqa: PLW0603 - once per process, on purpose
+    if not _stamped:
+        _stamped = True
+        now = time.monotonic_ns()
+        folder = os.environ.get(STAMP_DIR_ENV)
+        if folder:
+            with open(os.path.join(folder, str(os.getpid())), "w") as f:
+                f.write(str(now))
