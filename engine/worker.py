@@ -67,7 +67,7 @@ FRAMES_PER_ROUND = 4  # frames fetched (and, for sync sinks, delivered) between 
 # A sync handler runs on the loop: after this long without yielding, the rest of a
 # batch goes through the queue so signals, heartbeats and stats are never held up
 # by a slow handler (a 10 ms handler would otherwise hold the loop for a whole round).
-YIELD_AFTER_NS = 20_000_000
+YIELD_AFTER_NS = 5_000_000
 monotonic_ns = time.monotonic_ns
 _LANE_RANGE = range(LANES)
 WORKER_COUNTERS = (
