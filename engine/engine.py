@@ -327,6 +327,9 @@ class Engine:
         """Deliver a request and return the handler's return value; RequestTimeout on expiry."""
         if not timeout > 0:
             raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+        for name in ("kind", "correlation_id"):
+            if name in options:
+                raise TypeError(f"request() sets {name} itself; got {name}={options[name]!r}")
         d = self._dispatcher()
         cid = next(d.ids)
         options.setdefault("ttl", timeout)

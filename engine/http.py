@@ -112,11 +112,25 @@ def make_app(service: Service) -> web.Application:
         body = render(lambda: _snapshot(service))
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
+    def refuse_if_stopping() -> web.Response | None:
+        # Like the binary ingress, take no new messages once a stop signal came: the
+        # site keeps serving /healthz (503 "shutting down"), /stats and /metrics.
+        if service.stop_requested.is_set():
+            return _problem(503, "closed", "the service is shutting down")
+        return None
+
     async def messages(request: web.Request) -> web.Response:
+        if refused := refuse_if_stopping():
+            return refused
         settled = request.query.get("settled", "") in ("1", "true", "yes")
         try:
             decoded = _body_decoder.decode(await request.read())
-        except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
+        except (
+            msgspec.DecodeError,
+            msgspec.ValidationError,
+            RecursionError,
+            UnicodeDecodeError,
+        ) as exc:  # msgspec reports invalid UTF-8 as UnicodeDecodeError
             counts["http_bad_requests_total"] += 1
             return _problem(400, "bad_request", f"body is not a message or a list of them: {exc}")
         batch = decoded if isinstance(decoded, list) else [decoded]
@@ -153,6 +167,8 @@ def make_app(service: Service) -> web.Application:
         return _reply(200, [view(dl) for dl in service.engine.dead_letters()])
 
     async def replay(request: web.Request) -> web.Response:
+        if refused := refuse_if_stopping():
+            return refused
         try:
             return _reply(200, {"replayed": await service.engine.replay_dead_letters()})
         except EngineClosed as exc:

@@ -80,6 +80,9 @@ COUNTERS = (
 )
 
 Answer = ServerFrame | asyncio.Task[ServerFrame]
+# What decoding untrusted bytes may raise; msgspec reports invalid UTF-8 in a str
+# as UnicodeDecodeError, not as a DecodeError.
+_UNDECODABLE = (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeDecodeError)
 
 
 class ProtocolViolation(EngineError):
@@ -239,6 +242,11 @@ class Connection:
             await self.answers.put(Error(0, exc.code, str(exc)))
         except (ConnectionError, asyncio.IncompleteReadError):
             sender.cancel()  # the client went away; what it had in flight is its to retry
+        except Exception as exc:  # a bug of ours: tell the client, keep serving the others
+            log.exception("connection from %s failed", self.peer)
+            self._count_error(ERR_INTERNAL)
+            with contextlib.suppress(asyncio.QueueFull):
+                self.answers.put_nowait(Error(0, ERR_INTERNAL, f"{type(exc).__name__}: {exc}"))
         finally:
             self.idle = False
             await self._finish(sender)
@@ -309,7 +317,7 @@ class Connection:
             self.counts["frames_total"] += 1
             try:
                 frame: ClientFrame = client_decoder.decode(body)
-            except (msgspec.DecodeError, msgspec.ValidationError, RecursionError) as exc:
+            except _UNDECODABLE as exc:
                 self._count_error(ERR_BAD_FRAME)
                 await self.answers.put(
                     Error(_seq_of(body), ERR_BAD_FRAME, f"undecodable frame: {exc}")
@@ -449,7 +457,7 @@ def _seq_of(body: bytes) -> int:
     """Best-effort seq of an undecodable frame (element 1 of its array), else 0."""
     try:
         raw = msgspec.msgpack.decode(body)
-    except (msgspec.DecodeError, RecursionError):
+    except _UNDECODABLE:
         return 0
     if isinstance(raw, list) and len(raw) > 1 and type(raw[1]) is int and 0 <= raw[1] < 1 << 63:
         return raw[1]

@@ -224,7 +224,7 @@ class Service:
         if self.ingress is not None:
             await self.ingress.close(max(0.0, deadline - loop.time()))
         if self.runner is not None:
-            await self.runner.shutdown()  # no new HTTP requests; in-flight ones finish
+            await self.runner.shutdown()  # on_shutdown hooks; the routes refuse new messages
         return await self.engine.drain(max(0.0, deadline - loop.time()))
 
     async def _close_servers(self, timeout: float) -> None:

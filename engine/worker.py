@@ -18,6 +18,7 @@ import inspect
 import os
 import random
 import signal
+import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -38,7 +39,7 @@ from engine.delivery import (
 )
 from engine.errors import CodecError, EngineError, Reject, Retry
 from engine.sinks import Sink
-from ipc.codec import Kind, Message, decode, decode_batch
+from ipc.codec import DECODE_ERRORS, Kind, Message, decode, decode_batch
 from ipc.control import Histogram, StatsSnapshot, WorkerFailed, WorkerReady, send_control
 from ipc.records import (
     DeadLetter,
@@ -68,6 +69,7 @@ FRAMES_PER_ROUND = 4  # frames fetched (and, for sync sinks, delivered) between 
 # batch goes through the queue so signals, heartbeats and stats are never held up
 # by a slow handler (a 10 ms handler would otherwise hold the loop for a whole round).
 YIELD_AFTER_NS = 5_000_000
+WORKER_RECURSION_LIMIT = 4000  # > the dispatcher's default 1000 plus the loop's frames
 monotonic_ns = time.monotonic_ns
 _LANE_RANGE = range(LANES)
 WORKER_COUNTERS = (
@@ -799,11 +801,17 @@ def _shrunk(rec: ReturnRecord, size: int, limit: int) -> ReturnRecord:
 
 
 def _salvage(frame: bytes) -> tuple[list[Message], list[tuple[int, str]]]:
-    """Decode a batch message by message: the good ones, and (index, error) for the rest."""
+    """Decode a batch message by message: the good ones, and (index, error) for the rest.
+
+    A frame that cannot even be split into messages has each of its messages (the
+    count is in the array header) dead-lettered, so the frame settles and the
+    worker never dies on it (it would meet the same frame after every respawn).
+    """
     try:
         items = msgspec.msgpack.decode(frame, type=list[msgspec.Raw])
-    except (msgspec.DecodeError, ValueError) as exc:
-        return [], [(0, f"undecodable frame of {len(frame)} bytes: {exc}")]
+    except _SALVAGE_ERRORS as exc:
+        error = f"undecodable frame of {len(frame)} bytes: {type(exc).__name__}: {exc}"
+        return [], [(i, error) for i in range(max(1, _array_length(frame)))]
     good: list[Message] = []
     bad: list[tuple[int, str]] = []
     for i, item in enumerate(items):
@@ -812,6 +820,23 @@ def _salvage(frame: bytes) -> tuple[list[Message], list[tuple[int, str]]]:
         except CodecError as exc:
             bad.append((i, str(exc)))
     return good, bad
+
+
+_SALVAGE_ERRORS: tuple[type[Exception], ...] = (*DECODE_ERRORS, ValueError)
+
+
+def _array_length(frame: bytes) -> int:
+    """The element count a msgpack array header announces (0 if it is not one)."""
+    if not frame:
+        return 0
+    head = frame[0]
+    if 0x90 <= head <= 0x9F:
+        return head & 0x0F
+    if head == 0xDC and len(frame) >= 3:
+        return int.from_bytes(frame[1:3], "big")
+    if head == 0xDD and len(frame) >= 5:
+        return int.from_bytes(frame[1:5], "big")
+    return 0
 
 
 class WorkerCrashed(EngineError):
@@ -831,6 +856,9 @@ def worker_main(
     from engine.procutil import die_with_parent
 
     die_with_parent(monitor_pid)
+    # Payloads are checked in the dispatcher near the bottom of its stack; here they
+    # are decoded deeper down (event loop, runners), so allow what it accepted.
+    sys.setrecursionlimit(max(sys.getrecursionlimit(), WORKER_RECURSION_LIMIT))
     from engine.sinks import make_sink
 
     def send(msg: Any) -> None:

@@ -197,3 +197,16 @@ def test_submit_nowait_fills_a_batch_larger_than_the_ring_without_queue_full() -
 
     s = asyncio.run(go())
     assert s["submitted"] == s["delivered"] == 16, s
+
+
+def test_a_frame_too_deep_to_split_is_dead_lettered_message_by_message() -> None:
+    """A batch the worker cannot even split into messages (nesting past every limit) used
+    to kill the worker, which met it again after each respawn: now each of its messages
+    (counted from the array header) is dead-lettered as malformed."""
+    from engine.worker import _salvage
+
+    frame = b"\x93" + b"\x91" * 100_000 + b"\xc0" + b"\xc0" + b"\xc0"
+    good, bad = _salvage(frame)
+    assert good == []
+    assert [i for i, _ in bad] == [0, 1, 2]
+    assert all("undecodable frame" in error for _, error in bad)
