@@ -123,7 +123,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
         int, Meta(ge=0, description="Recycle a worker after this many messages; 0 = off.")
     ] = 0
     ring_warn_ratio: Annotated[
-        float, Meta(ge=0, le=1, description="Ring fill ratio that logs a warning.")
+        float, Meta(ge=0, le=1, description="Ring fill ratio at which /healthz says unhealthy.")
     ] = 0.8
     start_method: Annotated[
         Literal["auto", "fork", "forkserver", "spawn"], Meta(description="Process start method.")
