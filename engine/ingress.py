@@ -254,9 +254,11 @@ class Connection:
     async def _finish(self, sender: asyncio.Future[None]) -> None:
         """Let the writer send the answers still owed (bounded), then close."""
         if not sender.done():
-            await self.answers.put(None)
             with contextlib.suppress(TimeoutError, ConnectionError, asyncio.CancelledError):
-                await asyncio.wait_for(asyncio.shield(sender), self.ingress.answer_linger_s)
+                # Bounded as a whole: a client that stopped reading fills the queue too.
+                async with asyncio.timeout(self.ingress.answer_linger_s):
+                    await self.answers.put(None)
+                    await asyncio.shield(sender)
         sender.cancel()
         for task in self.slow:
             task.cancel()
