@@ -18,13 +18,12 @@ DELIVERED, DEAD_LETTERED, EXPIRED = 0, 1, 2
 class FrameTrack:
     """One input frame (a batch): its ring end position and how many messages remain."""
 
-    __slots__ = ("counts", "end", "lane", "remaining", "size")
+    __slots__ = ("counts", "end", "lane", "remaining")
 
     def __init__(self, lane: int, end: int, remaining: int) -> None:
         self.lane = lane
         self.end = end
         self.remaining = remaining
-        self.size = remaining
         self.counts = [0, 0, 0]  # delivered, dead-lettered, expired
 
 

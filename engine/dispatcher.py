@@ -233,7 +233,8 @@ class Dispatcher:
         The encoded form is a plain tuple in Message's field order, which msgspec
         encodes to exactly the bytes of the array-like Message, without building one.
         ``raw_checked``: every ``msgspec.Raw`` payload came out of a msgspec decode
-        (the ingress's frames), which already proved it well-formed msgpack.
+        (the ingress's frames), which checked its structure, so the batch frame
+        cannot be spoiled; bad UTF-8 inside fails that message's ``body()`` only.
         """
         prio, knd, ttl_ns, sender, cid, reply_to, tags, meta, dedup = opts
         ids, enc, limit = self.ids, _encode, self.max_message_bytes
@@ -287,14 +288,20 @@ class Dispatcher:
         buffers, shard_of, lane_submitted = self.buffers, self.shard_of, self.lane_submitted
         cached = shard_of.cache.get
         self.counts["submitted"] += len(outs)
-        for _, recipient, lane, data in outs:
-            shard = cached(recipient)
-            buf = buffers[shard_of(recipient) if shard is None else shard][lane]
-            buf.append(data)
-            lane_submitted[lane] += 1
-            if len(buf) >= size:
-                await self.flush(buf)
-        self._schedule_flush()
+        appended = 0
+        try:
+            for _, recipient, lane, data in outs:
+                shard = cached(recipient)
+                buf = buffers[shard_of(recipient) if shard is None else shard][lane]
+                buf.append(data)
+                lane_submitted[lane] += 1
+                appended += 1
+                if len(buf) >= size:
+                    await self.flush(buf)
+        finally:
+            # Cancelled while a flush waited: what was not appended was never submitted.
+            self.counts["submitted"] -= len(outs) - appended
+            self._schedule_flush()
 
     def enqueue_nowait(self, out: Outgoing) -> None:
         """Queue one message now, or raise QueueFull and queue nothing."""

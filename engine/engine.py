@@ -227,6 +227,8 @@ class Engine:
         finally:
             if self.dispatcher is not None:
                 self.dispatcher.close()
+                # Let cancelled flushes unwind before their rings are unmapped below.
+                await asyncio.gather(*self.dispatcher.tasks, return_exceptions=True)
             for shard in self.shards:
                 shard.close()
                 shard.close_wakeups()
@@ -296,8 +298,29 @@ class Engine:
 
         With ``settled=True`` it returns only once every one of them was delivered,
         dead-lettered or expired (the service's ``ack="settled"``).  ``raw_checked``
-        is for the ingress: its ``msgspec.Raw`` payloads come from a msgspec decode,
-        which already proved them well-formed, so they are not parsed again.
+        is for the ingress: its ``msgspec.Raw`` payloads come out of a msgspec
+        decode, which checked their structure; what it does not check (UTF-8 of
+        strings inside) fails at ``msg.body()`` for that message alone.
+        """
+        ids, marks = await self.submit_marked(
+            items, settled=settled, raw_checked=raw_checked, **options
+        )
+        if marks:
+            await self._dispatcher().wait_settled(marks)
+        return ids
+
+    async def submit_marked(
+        self,
+        items: Iterable[tuple[str, Any]],
+        *,
+        settled: bool = True,
+        raw_checked: bool = False,
+        **options: Any,
+    ) -> tuple[list[int], list[tuple[int, int, int]]]:
+        """Queue like ``submit_many``; returns the ids and, with ``settled``, the ring marks.
+
+        For callers that must queue in order now and wait for settlement later
+        (the ingress's pipelined settled acks): ``await wait_settled(marks)``.
         """
         d = self._dispatcher()
         opts = d.options(**options) if options else d.default_options
@@ -317,9 +340,11 @@ class Engine:
             ids.extend(m[0] for m in outs)
             if settled:
                 marks += await d.settle_marks(outs)
-        if marks:
-            await d.wait_settled(marks)
-        return ids
+        return ids, marks
+
+    async def wait_settled(self, marks: list[tuple[int, int, int]]) -> None:
+        """Return once the messages behind ``marks`` (from ``submit_marked``) are settled."""
+        await self._dispatcher().wait_settled(marks)
 
     async def request(
         self, recipient: str, payload: Any = None, *, timeout: float = 30.0, **options: Any

@@ -230,9 +230,7 @@ class Connection:
         try:
             await self._handshake()
             while self.ingress.accepting:
-                self.idle = True
                 frame = await self._read_frame()
-                self.idle = False
                 if frame is None:
                     break
                 await self.answers.put(await self._handle(frame))
@@ -298,8 +296,11 @@ class Connection:
         """The next decodable frame; None at a clean end of stream."""
         while True:
             try:
+                self.idle = True  # between frames: stop_reading may end the stream here
                 header = await self.reader.readexactly(HEADER_BYTES)
+                self.idle = False
             except asyncio.IncompleteReadError as exc:
+                self.idle = False
                 if exc.partial:
                     raise ProtocolViolation(ERR_BAD_FRAME, "truncated frame header") from None
                 return None
@@ -333,7 +334,13 @@ class Connection:
         try:
             if isinstance(frame, Submit):
                 if frame.settled:
-                    return self._later(frame.seq, self._submit_settled(frame))
+                    # Queued here, in frame order and under backpressure; only the
+                    # wait for settlement runs beside the reader.
+                    ids, marks = await eng.submit_marked(
+                        frame.items, raw_checked=True, **send_options(frame.options)
+                    )
+                    self.counts["messages_total"] += len(ids)
+                    return self._later(frame.seq, self._settled_ack(frame.seq, ids, marks))
                 ids = await eng.submit_many(
                     frame.items, raw_checked=True, **send_options(frame.options)
                 )
@@ -373,12 +380,11 @@ class Connection:
         except (ValueError, TypeError, EngineError) as exc:
             return self._error(_frame_seq(frame), ERR_BAD_REQUEST, str(exc))
 
-    async def _submit_settled(self, frame: Submit) -> ServerFrame:
-        ids = await self.engine.submit_many(
-            frame.items, settled=True, raw_checked=True, **send_options(frame.options)
-        )
-        self.counts["messages_total"] += len(ids)
-        return Ack(frame.seq, ids)
+    async def _settled_ack(
+        self, seq: int, ids: list[int], marks: list[tuple[int, int, int]]
+    ) -> ServerFrame:
+        await self.engine.wait_settled(marks)
+        return Ack(seq, ids)
 
     def _later(self, seq: int, coro: Awaitable[ServerFrame]) -> asyncio.Task[ServerFrame]:
         """Run a slow answer as a task; errors become Error frames for ``seq``."""

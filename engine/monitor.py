@@ -204,7 +204,7 @@ class Monitor:
             return
         slot.restarts += 1
         now = time.monotonic()
-        if code == EXIT_BOOT_FAILED or not slot.ready:
+        if not slot.ready:
             # Any death before ready is a boot failure (an import that exits hard too):
             # back off, never a respawn storm, and say why.
             slot.boot_failures += 1
@@ -217,7 +217,7 @@ class Monitor:
             )
             slot.respawn_at = now + delay
             return
-        if code == 0:
+        if slot.recycle_pid == slot.pid and code == 0:
             # A requested exit (reload, recycle): not a crash, history starts over.
             slot.lane_crashes = [0] * LANES
             slot.last_committed = slot.last_fetched = ()

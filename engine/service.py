@@ -27,6 +27,7 @@ from engine.http import HTTP_COUNTERS
 from engine.ingress import Ingress
 
 log = logging.getLogger("engine.service")
+HTTP_SHUTDOWN_S = 2.0  # after the drain, open HTTP requests get this long to finish
 
 
 def check_bind(config: Config) -> None:
@@ -121,7 +122,12 @@ class Service:
                 where = f"{cfg.host}:{cfg.port}" + (f" / {cfg.socket}" if cfg.socket else "")
                 raise EngineStartError(f"cannot listen on {where} (ENGINE_PORT): {exc}") from exc
             self.addresses.update(self.ingress.addresses)
-            self.runner = web.AppRunner(make_app(self), access_log=None, handle_signals=False)
+            self.runner = web.AppRunner(
+                make_app(self),
+                access_log=None,
+                handle_signals=False,
+                shutdown_timeout=HTTP_SHUTDOWN_S,
+            )
             await self.runner.setup()
             site = web.TCPSite(self.runner, cfg.host, cfg.http_port, reuse_address=True)
             try:
@@ -206,8 +212,12 @@ class Service:
         with contextlib.suppress(asyncio.CancelledError):
             await drain
         stats = self.engine.stats()
+        if fast or not drained:
+            # First: HTTP handlers waiting on settlement end when the engine closes,
+            # and the HTTP cleanup below would otherwise wait for them.
+            await self.engine.stop(0, fast=True)
         await self._close_servers(0)
-        await self.engine.stop(0, fast=fast or not drained)
+        await self.engine.stop(0)
         left = stats["in_flight"]
         fields = {"submitted": stats["submitted"], "delivered": stats["delivered"]}
         if left:

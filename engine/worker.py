@@ -69,6 +69,7 @@ FRAMES_PER_ROUND = 4  # frames fetched (and, for sync sinks, delivered) between 
 # batch goes through the queue so signals, heartbeats and stats are never held up
 # by a slow handler (a 10 ms handler would otherwise hold the loop for a whole round).
 YIELD_AFTER_NS = 5_000_000
+MAX_SALVAGE_COUNT = 1 << 16  # more messages than any batch frame the dispatcher writes
 WORKER_RECURSION_LIMIT = 4000  # > the dispatcher's default 1000 plus the loop's frames
 monotonic_ns = time.monotonic_ns
 _LANE_RANGE = range(LANES)
@@ -152,10 +153,10 @@ class Worker:
         self.fetch_streak = 0  # frames fetched from higher lanes while a lower one waited
         self.stopping = False
         self.round_start = 0
-        # Messages in frames fetched and not yet committed: what a crash would deliver
-        # again. The window bounds this (not just the unsettled ones), so a return ring
-        # that lags cannot let the redelivery window grow.
-        self.held = 0
+        # True while a flush waits for return-ring space: settled frames cannot be
+        # committed then, so fetching pauses too (else a lagging dispatcher would let
+        # the redelivery window, fetched but uncommitted, grow past the window).
+        self.returns_waiting = False
         self.counters = dict.fromkeys(WORKER_COUNTERS, 0)
         self.lat_start = Histogram()
         self.lat_settle = Histogram()
@@ -181,7 +182,12 @@ class Worker:
         consumers = self.consumers
         rings = self.shard.lanes
         self.round_start = monotonic_ns()
-        while taken < max_frames and self.held < self.window and not self.stopping:
+        while (
+            taken < max_frames
+            and self.unsettled < self.window
+            and not self.returns_waiting
+            and not self.stopping
+        ):
             if monotonic_ns() - self.round_start > YIELD_AFTER_NS:
                 return max_frames  # a full round: the reader yields, then fetches on
 
@@ -219,7 +225,6 @@ class Worker:
         except CodecError:
             msgs, bad = _salvage(frame)
         track = FrameTrack(lane, end, len(msgs) + len(bad))
-        self.held += track.size
         self.frames[lane].append(track)
         for index, error in bad:
             # Never crash on a frame (it would come back after every respawn): the
@@ -522,7 +527,6 @@ class Worker:
 
     async def _flush(self) -> None:
         commits: list[tuple[int, int]] = []
-        released = 0
         for lane in range(LANES):
             if not self.commit_dirty[lane]:
                 continue
@@ -534,17 +538,21 @@ class Worker:
                 d, x, e = t.counts
                 self.out.append(FrameDone(lane, t.end, d, x, e))
                 end = t.end
-                released += t.size
             if end >= 0:
                 commits.append((lane, end))
         if self.out:
             records, self.out = self.out, []
-            await self.returns.write_async(self._return_frames(records))
+            chunks = self._return_frames(records)
+            done = self.returns.offer(chunks)
+            if done < len(chunks):
+                self.returns_waiting = True
+                try:
+                    await self.returns.write_async(chunks[done:])
+                finally:
+                    self.returns_waiting = False
+                    self.wake.set()  # the reader may fetch again
         for lane, end in commits:
             self.consumers[lane].commit(end)
-        if released:
-            self.held -= released
-            self.wake.set()  # the reader may fetch again
 
     def _return_frames(self, records: list[ReturnRecord]) -> list[bytes]:
         """Encode records into frames that fit the return ring (by count and by bytes)."""
@@ -576,9 +584,9 @@ class Worker:
             beat()  # progress is a sign of life too, whatever the timer's luck on a busy host
             if self.out:
                 self.flush_wanted.set()
-            if full_round and self.held < self.window:
+            if full_round and self.unsettled < self.window and not self.returns_waiting:
                 await asyncio.sleep(0)  # more is waiting: let the flusher and heartbeat run
-            elif self.held >= self.window:
+            elif self.unsettled >= self.window or self.returns_waiting:
                 self.wake.clear()
                 await self.wake.wait()  # settles make room
             else:
@@ -613,7 +621,7 @@ class Worker:
         done = 0
         last_yield = monotonic_ns()
         while (job := await self._next_delivery()) is not None:
-            p, started = job
+            p = job[0]
             try:
                 result = deliver(p.msg)
                 if _awaitable(result):
@@ -626,7 +634,7 @@ class Worker:
                 self.finish(p, result)
             self._unmark()
             done += 1
-            if done & 255 == 0 or started - last_yield > YIELD_AFTER_NS:
+            if done & 255 == 0 or monotonic_ns() - last_yield > YIELD_AFTER_NS:
                 await asyncio.sleep(0)  # let the reader, flusher, heartbeat and signals run
                 last_yield = monotonic_ns()
 
@@ -835,7 +843,8 @@ def _array_length(frame: bytes) -> int:
     if head == 0xDC and len(frame) >= 3:
         return int.from_bytes(frame[1:3], "big")
     if head == 0xDD and len(frame) >= 5:
-        return int.from_bytes(frame[1:5], "big")
+        # A corrupt header must not make us build billions of dead letters.
+        return min(int.from_bytes(frame[1:5], "big"), MAX_SALVAGE_COUNT)
     return 0
 
 

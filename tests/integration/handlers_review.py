@@ -55,3 +55,16 @@ async def record_order(msg: Message) -> None:
     await asyncio.sleep(0.001)
     with open(os.environ["RINGWAY_ORDER_FILE"], "a") as f:
         f.write(msg.recipient + "\n")
+
+
+def retry_bad_once(msg: Message) -> None:
+    """Recipient "bad" asks for a retry in 3 s on its first attempt; every delivery that
+    succeeds appends the recipient to RINGWAY_ORDER_FILE."""
+    import os
+
+    from engine.errors import Retry
+
+    if msg.recipient == "bad" and msg.attempt == 0:
+        raise Retry(after=3.0)
+    with open(os.environ["RINGWAY_ORDER_FILE"], "a") as f:
+        f.write(msg.recipient + "\n")

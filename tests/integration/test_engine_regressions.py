@@ -210,3 +210,53 @@ def test_a_frame_too_deep_to_split_is_dead_lettered_message_by_message() -> None
     assert good == []
     assert [i for i, _ in bad] == [0, 1, 2]
     assert all("undecodable frame" in error for _, error in bad)
+
+
+def test_a_message_waiting_for_its_retry_does_not_stall_the_other_lanes(
+    tmp_path: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Fetching was once gated on fetched-but-uncommitted messages: frames settled behind
+    a retrying message cannot commit, so after one window the worker stopped fetching
+    every lane until the retry came (a critical message waited the whole backoff)."""
+    order = tmp_path / "order.txt"
+    monkeypatch.setenv("RINGWAY_ORDER_FILE", str(order))
+    cfg = _config(batch_size=64, delivery_concurrency=16)
+
+    async def go() -> None:
+        async with Engine(f"{H}:retry_bad_once", cfg) as eng:
+            await eng.submit("bad", 1)
+            await asyncio.sleep(0.3)  # its first attempt failed; the retry is 3 s away
+            await eng.submit_many([(f"r{i % 50}", i) for i in range(5_000)])
+            await eng.submit("last", 0, priority="critical")
+            assert await eng.drain(60)
+
+    asyncio.run(go())
+    seen = order.read_text().split()
+    assert len(seen) == 5_002
+    assert seen.index("last") < seen.index("bad"), "the critical message waited for the retry"
+
+
+def test_a_cancelled_submit_many_leaves_the_counts_conserved() -> None:
+    """``submit_many`` counted all its messages as submitted up front; cancelled while a
+    flush waited for ring space (the ingress does that at shutdown), the rest were never
+    queued, in_flight stayed above zero for ever and every drain timed out."""
+    cfg = _config(batch_size=16, ring_bytes=65536, delivery_concurrency=4)
+
+    async def go() -> dict[str, Any]:
+        async with Engine(f"{H}:slow", cfg) as eng:
+            # 2 KB each: the ring holds ~30 of them, 50 ms each to deliver.
+            task = asyncio.ensure_future(
+                eng.submit_many([(f"r{i % 50}", b"x" * 2000) for i in range(20_000)])
+            )
+            await asyncio.sleep(0.3)
+            assert not task.done(), "the ring never filled: the test proved nothing"
+            task.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await task
+            assert await eng.drain(120)
+            return eng.stats()
+
+    s = asyncio.run(go())
+    assert s["in_flight"] == 0, s
+    assert 0 < s["submitted"] < 20_000, s
+    assert s["submitted"] == s["delivered"] + s["dead_lettered"] + s["expired"], s
