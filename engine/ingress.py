@@ -59,6 +59,7 @@ from engine.protocol import (
     encode_frames_into,
     frame_length,
 )
+from ipc.codec import DECODE_ERRORS
 
 if TYPE_CHECKING:
     from engine.engine import Engine
@@ -80,9 +81,8 @@ COUNTERS = (
 )
 
 Answer = ServerFrame | asyncio.Task[ServerFrame]
-# What decoding untrusted bytes may raise; msgspec reports invalid UTF-8 in a str
-# as UnicodeDecodeError, not as a DecodeError.
-_UNDECODABLE = (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeDecodeError)
+# What decoding untrusted bytes may raise (ValidationError is a DecodeError).
+_UNDECODABLE = DECODE_ERRORS
 
 
 class ProtocolViolation(EngineError):
