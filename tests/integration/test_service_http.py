@@ -176,7 +176,7 @@ def test_post_one_message_or_an_array_answers_202_with_ids(svc: ServiceProc) -> 
         (b'{"recipient": "echo", "ttl": -1}', "ttl must be"),
         (b'{"recipient": "echo", "metadata": {"k": 1}}', "Expected `str`, got `int`"),
         (b'[{"recipient": "echo"}, 5]', "Expected `object`, got `int`"),
-        (b'{"recipient": "\xff\xfe"}', "can't decode byte 0xff"),  # not UTF-8
+        (b'{"recipient": "\xff\xfe"}', "body is not a message"),  # not UTF-8
         (b'{"recipient": "echo", "payload": ' + b"[" * 5000 + b"]" * 5000 + b"}", "recursion"),
     ],
     ids=lambda v: v.decode("ascii", "replace")[:40] if isinstance(v, bytes) else None,
