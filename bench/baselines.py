@@ -1,7 +1,7 @@
 """Queue baselines for the ring benchmark: the same Messages, encoded in one process
 and decoded in another, through the queues a Python user would reach for first.
 
-Everything but the transport is shared with the ring (`engine.demo`: templates,
+Everything but the transport is shared with the ring (`engine.stress.ringdemo`: templates,
 id stamping, the id check, the two-process harness and its clock), so a ratio
 between two results measures the transports, not the harnesses.
 
@@ -16,7 +16,7 @@ import multiprocessing
 import time
 from typing import Any
 
-from engine.demo import (
+from engine.stress.ringdemo import (
     RingResult,
     Workload,
     check_ids,

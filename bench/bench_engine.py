@@ -41,7 +41,7 @@ from bench.engine_baselines import (
     measure_priority_queue,
 )
 from engine import Config, Engine
-from engine.sharding import stable_shard
+from engine.core.sharding import stable_shard
 from ipc.codec import Message, pack_payload
 
 if TYPE_CHECKING:

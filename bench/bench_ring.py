@@ -1,7 +1,7 @@
 """The ring against the queues a Python user would reach for, encode to decode.
 
 Each case moves the same Messages from a producer process to a consumer process
-(engine.demo and bench.baselines share every line but the transport) and
+(engine.stress.ringdemo and bench.baselines share every line but the transport) and
 reports msgs/s measured from the producer's start to the consumer's last decode,
 in ``extra_info["msgs_per_s"]`` (median over the rounds).  pytest-benchmark's own
 time column is the whole call, process start-up included: compare msgs/s.
@@ -26,7 +26,7 @@ from bench.baselines import (
     measure_mpqueue_per_put,
     ratio_lines,
 )
-from engine.demo import RingResult, measure_ring
+from engine.stress.ringdemo import RingResult, measure_ring
 
 if TYPE_CHECKING:
     from pytest_benchmark.fixture import BenchmarkFixture

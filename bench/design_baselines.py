@@ -37,7 +37,7 @@ from typing import Any
 import msgspec
 
 from bench.engine_baselines import BaselineRun, Item, PriorityQueueBroker
-from engine.demo import fork_safe_context
+from engine.stress.ringdemo import fork_safe_context
 from ipc.codec import Message, decode_batch, encode_batch
 
 Handler = Callable[[Message], Any]

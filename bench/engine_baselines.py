@@ -28,7 +28,7 @@ from typing import Any
 
 import msgspec
 
-from engine.demo import fork_safe_context
+from engine.stress.ringdemo import fork_safe_context
 from ipc.codec import Message, Priority
 
 Item = tuple[str, msgspec.Raw]  # (recipient, pre-packed payload), as given to submit_many

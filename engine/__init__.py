@@ -20,7 +20,7 @@ from engine.errors import (
 from ipc.codec import Kind, Message, Priority
 
 if TYPE_CHECKING:
-    from engine.engine import Engine, SyncEngine
+    from engine.core.engine import Engine, SyncEngine
 
 __version__ = "0.1.0"
 
@@ -46,7 +46,7 @@ __all__ = [
 
 def __getattr__(name: str) -> Any:
     if name in ("Engine", "SyncEngine"):
-        from engine import engine as _engine
+        from engine.core import engine as _engine
 
         return getattr(_engine, name)
     raise AttributeError(f"module 'engine' has no attribute {name!r}")

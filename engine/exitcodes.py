@@ -14,3 +14,11 @@ class ExitCode(IntEnum):
     SOFTWARE = 70  # EX_SOFTWARE: internal error, a bug
     CONFIG = 78  # EX_CONFIG: bad configuration, fix it and start again
     INTERRUPTED = 130  # 128 + SIGINT, as shells report Ctrl-C
+
+
+class ChildExit(IntEnum):
+    """Exit statuses of the engine's own processes (monitor, workers), read by their parents."""
+
+    ORPHANED = 1  # the parent was gone before the child could arrange to die with it
+    BOOT_FAILED = 3  # a worker could not build its sink, or the monitor's workers never booted
+    CRASHED = 70  # EX_SOFTWARE: the monitor itself failed

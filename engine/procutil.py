@@ -10,6 +10,8 @@ from typing import Any
 
 import multiprocess
 
+from engine.exitcodes import ChildExit
+
 _PR_SET_PDEATHSIG = 1
 
 
@@ -23,7 +25,7 @@ def die_with_parent(parent_pid: int, sig: int = signal.SIGKILL) -> None:
         err = ctypes.get_errno()
         raise OSError(err, f"prctl(PR_SET_PDEATHSIG) failed: {os.strerror(err)}")
     if os.getppid() != parent_pid:
-        os._exit(1)
+        os._exit(ChildExit.ORPHANED)
 
 
 def context(method: str) -> Any:

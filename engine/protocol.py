@@ -22,7 +22,6 @@ import msgspec
 PROTOCOL_VERSION: Final = 1
 HEADER: Final = struct.Struct(">I")
 HEADER_BYTES: Final = HEADER.size
-MAX_HEADER_VALUE: Final = (1 << 32) - 1
 
 # Error codes carried by ``Error.code``; the client maps them to typed exceptions.
 ERR_AUTH: Final = "auth"  # missing or wrong token

@@ -28,6 +28,7 @@ __all__ = [
     "Kind",
     "Message",
     "Priority",
+    "check_raw",
     "decode",
     "decode_batch",
     "encode",
@@ -116,6 +117,19 @@ def pack_payload(obj: Any) -> msgspec.Raw:
         return msgspec.Raw(_encoder.encode(obj))
     except (TypeError, OverflowError) as exc:
         raise CodecError(f"cannot encode payload of type {type(obj).__name__}: {exc}") from exc
+
+
+def check_raw(raw: msgspec.Raw) -> msgspec.Raw:
+    """A payload given pre-encoded, checked to be one whole msgpack value.
+
+    A broken Raw would spoil the batch frame that carries other callers' messages,
+    so every edge (the dispatcher, the client) checks it before framing.
+    """
+    try:
+        msgspec.msgpack.decode(raw)
+    except DECODE_ERRORS as exc:
+        raise CodecError(f"payload given as msgspec.Raw is not valid msgpack: {exc}") from exc
+    return raw
 
 
 @lru_cache(maxsize=256)

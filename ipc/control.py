@@ -185,7 +185,7 @@ class StatsSnapshot(msgspec.Struct, array_like=True, tag="stats"):
 class Command(msgspec.Struct, array_like=True, tag="cmd"):
     """An instruction from the monitor to a worker."""
 
-    op: Literal["stop", "drain", "reload", "snapshot"]
+    op: Literal["stop", "reload", "snapshot"]
     arg: str = ""
 
 

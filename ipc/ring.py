@@ -1,6 +1,6 @@
 """Single-producer single-consumer ring of byte frames in shared memory.
 
-Layout of the segment (all integers little-endian u64, see DESIGN.md "The ring")::
+Layout of the segment (all integers little-endian u64; ARCHITECTURE.md has the rules)::
 
     0     magic, version, capacity             (written once by the creator)
     128   write      end of published frames   (producer stores, consumer loads)

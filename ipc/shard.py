@@ -25,7 +25,7 @@ SLOT_ACTIVE = 0  # 1 while a delivery of a suspect message runs
 SLOT_LANE = 1
 SLOT_FRAME_END = 2
 SLOT_INDEX = 3
-SLOT_MESSAGE_ID = 4
+# 4: unused (was the message id, never read)
 SLOT_PID = 5  # the worker process attached now: a new monitor waits for it to be gone
 
 

@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from engine import Engine, EngineStartError
-from engine.sharding import stable_shard
+from engine.core.sharding import stable_shard
 from tests.chaos import checker, recorder
 from tests.chaos.handlers_boot import BOOT_ERROR, BOOT_EXIT_CODE
 from tests.chaos.harness import (

@@ -19,9 +19,9 @@ import psutil
 import pytest
 
 from engine import Engine
-from engine.engine import MONITOR_RESTART_LIMIT
-from engine.sharding import stable_shard
-from engine.worker import window_for
+from engine.core.engine import MONITOR_RESTART_LIMIT
+from engine.core.sharding import stable_shard
+from engine.worker.worker import window_for
 from ipc.shm import list_segments
 from tests.chaos import checker, recorder
 from tests.chaos.harness import (

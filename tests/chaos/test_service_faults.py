@@ -29,8 +29,8 @@ import msgspec
 import psutil
 
 from engine.client import Client
-from engine.http import HttpMessage
 from engine.protocol import HEADER, HEADER_BYTES, Error, Register, Request, Submit, Welcome
+from engine.service.http import HttpMessage
 from tests.chaos.checker import check, read_inbox
 from tests.integration.service_proc import ServiceProc, start_service
 from tests.integration.test_service_ingress import (

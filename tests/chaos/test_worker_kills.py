@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 
 from engine import Engine
-from engine.sharding import stable_shard
-from engine.worker import window_for
+from engine.core.sharding import stable_shard
+from engine.worker.worker import window_for
 from tests.chaos import checker, recorder
 from tests.chaos.harness import (
     HANDLERS,

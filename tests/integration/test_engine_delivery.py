@@ -1,6 +1,6 @@
 """Delivery semantics of the running engine, end to end through real worker processes.
 
-Covers DESIGN.md "Delivery semantics" and "Handlers and sinks": per-recipient
+Covers the delivery rules (README "Using the engine", ARCHITECTURE.md): per-recipient
 order, conservation, priorities and the starvation guard, retries with
 full-jitter backoff, Retry/Reject, TTL (also mid-retry), request/response,
 broadcast and pub/sub, the sync facade with backpressure, bad input, and that

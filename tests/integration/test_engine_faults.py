@@ -25,7 +25,7 @@ import psutil
 import pytest
 
 from engine import Config, Engine, EngineStartError
-from engine.sharding import stable_shard
+from engine.core.sharding import stable_shard
 from ipc.shm import list_segments
 from tests.integration.handlers_faults import ENV_DIR
 

@@ -71,7 +71,7 @@ def test_large_messages_are_split_across_frames_and_all_delivered() -> None:
 def test_malformed_message_inside_a_frame_is_dead_lettered_not_fatal() -> None:
     """A frame the worker cannot fully decode must not crash it (it would come back after
     every respawn): the bad message is dead-lettered as malformed, its neighbours delivered."""
-    from engine.dispatcher import array_header
+    from engine.core.dispatcher import array_header
     from ipc.codec import Priority
 
     async def go() -> tuple[dict[str, Any], list[Any]]:
@@ -96,7 +96,7 @@ def test_malformed_message_inside_a_frame_is_dead_lettered_not_fatal() -> None:
 
 
 def test_submit_many_reports_how_much_was_queued_before_a_bad_item() -> None:
-    from engine.engine import SUBMIT_CHUNK
+    from engine.core.engine import SUBMIT_CHUNK
 
     async def go() -> dict[str, Any]:
         async with Engine(None, _config()) as eng:

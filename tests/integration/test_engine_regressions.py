@@ -109,7 +109,7 @@ def test_invalid_raw_payload_is_refused_at_submit() -> None:
 
 
 def test_a_full_lane_of_one_worker_does_not_hold_up_another_worker() -> None:
-    from engine.sharding import stable_shard
+    from engine.core.sharding import stable_shard
 
     busy = next(f"busy-{i}" for i in range(100) if stable_shard(f"busy-{i}", 2) == 0)
     idle = next(f"idle-{i}" for i in range(100) if stable_shard(f"idle-{i}", 2) == 1)
@@ -203,7 +203,7 @@ def test_a_frame_too_deep_to_split_is_dead_lettered_message_by_message() -> None
     """A batch the worker cannot even split into messages (nesting past every limit) used
     to kill the worker, which met it again after each respawn: now each of its messages
     (counted from the array header) is dead-lettered as malformed."""
-    from engine.worker import _salvage
+    from engine.worker.worker import _salvage
 
     frame = b"\x93" + b"\x91" * 100_000 + b"\xc0" + b"\xc0" + b"\xc0"
     good, bad = _salvage(frame)

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from engine import Config, Engine
-from engine.sinks import InboxSink
+from engine.worker.sinks import InboxSink
 
 
 def _config(**overrides: Any) -> Config:

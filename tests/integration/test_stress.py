@@ -21,7 +21,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bench.stress import (
+from engine.cli.stress import main
+from engine.exitcodes import ExitCode
+from engine.stress import (
     MESSAGE_TYPES,
     SCENARIOS,
     MessageGenerator,
@@ -29,9 +31,7 @@ from bench.stress import (
     StressReport,
     StressTestRunner,
 )
-from bench.stress.cli import main
-from bench.stress.metrics import SeriesPoint
-from engine.exitcodes import ExitCode
+from engine.stress.metrics import SeriesPoint
 
 CLI_TIMEOUT_S = 120  # generous: the machine is shared; a hang fails rather than blocks
 # Subprocesses run from the checkout, so `bench` imports even where the installed
@@ -246,7 +246,7 @@ def test_engine_stress_help_through_the_engine_command() -> None:
 def test_plot_without_matplotlib_names_the_extra(tmp_path: Path) -> None:
     code = (
         "import sys; sys.modules['matplotlib'] = None\n"  # makes `import matplotlib` fail
-        "from bench.stress.cli import main\n"
+        "from engine.cli.stress import main\n"
         f"sys.exit(main(['max', '--plot', {str(tmp_path / 'out.png')!r}, '--no-progress']))\n"
     )
     proc = subprocess.run(

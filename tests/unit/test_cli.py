@@ -136,9 +136,9 @@ def test_demo_runs_the_ring_demo_and_returns_its_code(monkeypatch: pytest.Monkey
         calls.append((seconds, batch))
         return 7
 
-    fake = types.ModuleType("engine.demo")
+    fake = types.ModuleType("engine.stress.ringdemo")
     fake.run_ring_demo = run_ring_demo  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "engine.demo", fake)
+    monkeypatch.setitem(sys.modules, "engine.stress.ringdemo", fake)
     assert main(["demo", "--seconds", "0.5", "--batch", "8"]) == 7
     assert main(["demo"]) == 7
     assert calls == [(0.5, 8), (3.0, 256)]

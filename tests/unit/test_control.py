@@ -68,7 +68,7 @@ control_messages: st.SearchStrategy[ControlMessage] = st.one_of(
         latency_settle=histograms,
         sent_ns=stamps,
     ),
-    st.builds(Command, op=st.sampled_from(["stop", "drain", "reload", "snapshot"]), arg=st.text()),
+    st.builds(Command, op=st.sampled_from(["stop", "reload", "snapshot"]), arg=st.text()),
     st.builds(WorkerReady, worker=ids, pid=ids),
     st.builds(WorkerFailed, worker=ids, pid=ids, error=st.text()),
 )
@@ -154,7 +154,7 @@ def test_echo_runs_in_another_process(echo: Echo) -> None:
             sent_ns=5,
         ),
         Command("stop"),
-        Command("drain", arg="30"),
+        Command("reload", arg="30"),
         Command("reload", arg="handlers:deliver"),
         Command("snapshot"),
         WorkerReady(worker=0, pid=1),
@@ -247,8 +247,8 @@ def test_send_of_oversize_message_writes_nothing() -> None:
     with left, right:
         with pytest.raises(CodecError):
             send_control(left, WorkerFailed(1, 2, "x" * MAX_CONTROL_BYTES))
-        send_control(left, Command("drain"))
-        assert recv_control(right) == Command("drain")  # the stream is still in sync
+        send_control(left, Command("reload"))
+        assert recv_control(right) == Command("reload")  # the stream is still in sync
 
 
 def test_recv_of_oversize_frame_raises_codec_error() -> None:

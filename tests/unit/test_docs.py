@@ -5,7 +5,7 @@ from __future__ import annotations
 import pathlib
 import re
 
-from engine.cli import reference_table
+from engine.cli.commands import reference_table
 from engine.config import describe_fields
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]

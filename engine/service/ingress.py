@@ -62,7 +62,7 @@ from engine.protocol import (
 from ipc.codec import DECODE_ERRORS
 
 if TYPE_CHECKING:
-    from engine.engine import Engine
+    from engine.core.engine import Engine
 
 log = logging.getLogger("engine.ingress")
 

@@ -22,11 +22,12 @@ from typing import Any, TypeVar
 import msgspec
 import psutil
 
+from engine.backoff import backoff_s
 from engine.config import Config
-from engine.dispatcher import Dispatcher
+from engine.core.dispatcher import Dispatcher
+from engine.core.stats import build_stats
 from engine.errors import EngineClosed, EngineError, EngineStartError, RequestTimeout
 from engine.procutil import context
-from engine.stats import build_stats
 from ipc.codec import Kind, Message, Priority
 from ipc.control import (
     Command,
@@ -90,7 +91,7 @@ class Engine:
             raise
 
     async def _start_monitor(self) -> None:
-        from engine.monitor import monitor_main
+        from engine.core.monitor import monitor_main
 
         loop = asyncio.get_running_loop()
         ctx = context(self.config.start_method)
@@ -193,7 +194,7 @@ class Engine:
             log.exception("%s", self.monitor_error)
             if self._stopping or self.monitor_restarts >= MONITOR_RESTART_LIMIT:
                 return
-            await asyncio.sleep(min(5.0, 0.2 * 2**self.monitor_restarts))
+            await asyncio.sleep(backoff_s(self.monitor_restarts, 0.2, 5.0, jitter="none"))
             self.monitor_restarts += 1
             await self._restart_monitor()
         else:

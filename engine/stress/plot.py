@@ -11,7 +11,7 @@ import itertools
 import math
 from pathlib import Path
 
-from bench.stress.report import StressReport
+from engine.stress.report import StressReport
 
 INSTALL_HINT = "pip install 'ringway[plot]'"
 

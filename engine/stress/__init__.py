@@ -8,11 +8,11 @@ checks say whether every generated message was delivered, dead-lettered or
 expired.
 """
 
-from bench.stress.generator import MESSAGE_TYPES, GeneratedMessage, MessageGenerator
-from bench.stress.metrics import GaugeStats, MetricsCollector
-from bench.stress.report import Check, StressReport
-from bench.stress.runner import StressTestRunner
-from bench.stress.scenarios import SCENARIOS, SUITES, Scenario
+from engine.stress.generator import MESSAGE_TYPES, GeneratedMessage, MessageGenerator
+from engine.stress.metrics import GaugeStats, MetricsCollector
+from engine.stress.report import Check, StressReport
+from engine.stress.runner import StressTestRunner
+from engine.stress.scenarios import SCENARIOS, SUITES, Scenario
 
 __all__ = [
     "MESSAGE_TYPES",

@@ -20,11 +20,11 @@ import socket
 from typing import Any
 
 from engine.config import Config, ConfigError
-from engine.engine import Engine
+from engine.core.engine import Engine
 from engine.errors import EngineStartError
 from engine.exitcodes import ExitCode
-from engine.http import HTTP_COUNTERS
-from engine.ingress import Ingress
+from engine.service.http import HTTP_COUNTERS
+from engine.service.ingress import Ingress
 
 log = logging.getLogger("engine.service")
 HTTP_SHUTDOWN_S = 2.0  # after the drain, open HTTP requests get this long to finish
@@ -104,7 +104,7 @@ class Service:
     async def start(self) -> None:
         from aiohttp import web
 
-        from engine.http import make_app
+        from engine.service.http import make_app
 
         cfg = self.config
         await self.engine.start()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from bench.stress.generator import MESSAGE_TYPES
+from engine.stress.generator import MESSAGE_TYPES
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -22,13 +22,13 @@ from typing import Any
 
 import msgspec
 
-from bench.stress.chaos import chaos_loop
-from bench.stress.generator import BROADCAST, MESSAGE_TYPES, GeneratedMessage, MessageGenerator
-from bench.stress.metrics import MetricsCollector, SeriesPoint, interval_histogram
-from bench.stress.processes import ROLES, ProcessSampler
-from bench.stress.report import DeadLetterTally, Settings, StressReport, build_report
-from bench.stress.scenarios import DEFAULT_AGENTS, SUITES, Scenario
 from engine import Config, Engine
+from engine.stress.chaos import chaos_loop
+from engine.stress.generator import BROADCAST, MESSAGE_TYPES, GeneratedMessage, MessageGenerator
+from engine.stress.metrics import MetricsCollector, SeriesPoint, interval_histogram
+from engine.stress.processes import ROLES, ProcessSampler
+from engine.stress.report import DeadLetterTally, Settings, StressReport, build_report
+from engine.stress.scenarios import DEFAULT_AGENTS, SUITES, Scenario
 from ipc.codec import pack_payload
 from ipc.control import Histogram
 from ipc.records import DeadLetter

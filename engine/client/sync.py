@@ -1,6 +1,6 @@
 """The blocking `Client`: an `AsyncClient` on a private event loop in a daemon thread.
 
-Split from engine.client so the asyncio client reads on its own; see there for
+Split from engine.client.aio so the asyncio client reads on its own; see there for
 the protocol, batching and reconnect rules, which are the same.
 """
 
@@ -17,7 +17,7 @@ from typing import Any, TypeVar, cast
 
 import msgspec
 
-from engine.client import (
+from engine.client.aio import (
     _DEFAULT_SPEC,
     DEFAULT_URL,
     AsyncClient,

@@ -1,12 +1,11 @@
 """Per-message delivery state inside a worker: frames, recipient lanes, retry timing.
 
-Kept apart from the process plumbing in ``engine.worker`` so the rules (order
+Kept apart from the process plumbing in ``engine.worker.worker`` so the rules (order
 per recipient, full-jitter backoff, TTL) read in one place.
 """
 
 from __future__ import annotations
 
-import random
 from collections import deque
 
 from ipc.codec import Message
@@ -59,9 +58,3 @@ class RecipientLane:
 
     def idle(self) -> bool:
         return not self.queue and self.busy == 0 and self.avail == 0
-
-
-def backoff_s(attempt: int, base_s: float, max_s: float, rng: random.Random) -> float:
-    """Full jitter (AWS architecture blog): uniform in [0, min(max, base * 2**attempt)]."""
-    ceiling = max_s if attempt >= 64 else min(max_s, base_s * (1 << attempt))
-    return rng.uniform(0.0, ceiling)

@@ -16,9 +16,9 @@ from typing import Any
 
 import msgspec
 
-from bench.stress.generator import MessageGenerator
-from bench.stress.metrics import MetricsCollector, SeriesPoint
-from bench.stress.processes import ROLES
+from engine.stress.generator import MessageGenerator
+from engine.stress.metrics import MetricsCollector, SeriesPoint
+from engine.stress.processes import ROLES
 
 
 class Settings(msgspec.Struct, frozen=True, kw_only=True):

@@ -15,7 +15,7 @@ from ipc.codec import Priority
 from ipc.control import Histogram, MonitorReport
 
 if TYPE_CHECKING:
-    from engine.dispatcher import Dispatcher
+    from engine.core.dispatcher import Dispatcher
 
 PERCENTILES = (("p50", 50.0), ("p95", 95.0), ("p99", 99.0))
 

@@ -12,11 +12,12 @@ import argparse
 import math
 import sys
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any
 
-from bench.stress.generator import MESSAGE_TYPES, parse_types
-from bench.stress.scenarios import DEFAULT_AGENTS, SCENARIOS, SUITES
+from engine.cli.flags import Parser
 from engine.exitcodes import ExitCode
+from engine.stress.generator import MESSAGE_TYPES, parse_types
+from engine.stress.scenarios import DEFAULT_AGENTS, SCENARIOS, SUITES
 
 TABLE_WIDTH = 120  # when stdout is not a terminal; rich would otherwise wrap at 80
 
@@ -39,14 +40,6 @@ examples:
   engine stress failure --agents 20 --messages 500 --workers 2
   engine stress realistic --duration 600 --rate 2000 --chaos --chaos-interval 5
 """
-
-
-class _Parser(argparse.ArgumentParser):
-    """Exits with EX_USAGE (64) on a bad command line, as the ``engine`` command does."""
-
-    def error(self, message: str) -> NoReturn:
-        self.print_usage(sys.stderr)
-        self.exit(ExitCode.USAGE, f"{self.prog}: error: {message}\n")
 
 
 def _number(kind: type[int] | type[float], low: float, *, strict: bool) -> Any:
@@ -82,7 +75,7 @@ def _types(text: str) -> tuple[str, ...]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = _Parser(
+    p = Parser(
         prog="engine stress",
         description="Stress the engine with agents sending direct, broadcast and onboarding\n"
         "messages through the mock messaging core; report throughput, latency and\n"
@@ -236,10 +229,10 @@ def main(argv: list[str]) -> int:
 def _run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
-    from bench.stress.plot import PlotUnavailable, require_matplotlib, write_plot
-    from bench.stress.render import RunProgress, print_report
-    from bench.stress.runner import StressTestRunner
     from engine.config import ConfigError
+    from engine.stress.plot import PlotUnavailable, require_matplotlib, write_plot
+    from engine.stress.render import RunProgress, print_report
+    from engine.stress.runner import StressTestRunner
     from ipc.errors import EngineError
 
     if args.plot:

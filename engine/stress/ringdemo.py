@@ -95,7 +95,7 @@ def check_ids(msgs: list[Message], expected: int) -> int:
 
 
 def fork_safe_context(lib: Any = multiprocess) -> Any:
-    """fork starts fastest but is only safe from a single-threaded parent (DESIGN.md)."""
+    """fork starts fastest but is only safe from a single-threaded parent (ARCHITECTURE.md)."""
     return lib.get_context("fork" if threading.active_count() == 1 else "spawn")
 
 

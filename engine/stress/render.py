@@ -15,7 +15,7 @@ from rich.progress import (
 )
 from rich.table import Table
 
-from bench.stress.report import Gauge, Latency, StressReport
+from engine.stress.report import Gauge, Latency, StressReport
 
 AGENT_ROWS = 12  # agents listed in the table; the JSON report has all of them
 

@@ -16,8 +16,8 @@ import time
 
 import psutil
 
-from bench.stress.metrics import MetricsCollector
 from engine import Engine
+from engine.stress.metrics import MetricsCollector
 
 
 def _is_worker(pid: int, monitor_pid: int) -> bool:

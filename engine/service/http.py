@@ -15,22 +15,43 @@ import hmac
 import itertools
 import logging
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 from aiohttp import web
 
 from engine.errors import EngineClosed, EngineError
-from engine.metrics import CONTENT_TYPE, Snapshot, render
+from engine.service.metrics import CONTENT_TYPE, Snapshot, render
 from ipc.codec import pack_payload
 from ipc.control import Histogram
 
 if TYPE_CHECKING:
-    from engine.service import Service
+    import asyncio
+
+    from engine.config import Config
+    from engine.core.engine import Engine
 
 log = logging.getLogger("engine.http")
 
 HTTP_COUNTERS = ("http_requests_total", "http_bad_requests_total", "http_auth_failures_total")
+
+
+class Service(Protocol):
+    """What the routes need of the running service (`engine.service.server.Service`).
+
+    A protocol, so this module never imports the server that imports it.
+    """
+
+    config: Config
+    engine: Engine
+    counts: dict[str, int]
+    stop_requested: asyncio.Event
+
+    def stats(self) -> dict[str, Any]: ...
+
+    def health_problems(self) -> list[str]: ...
+
+    def service_counts(self) -> dict[str, int]: ...
 
 
 class HttpMessage(msgspec.Struct, forbid_unknown_fields=True):
@@ -162,7 +183,7 @@ def make_app(service: Service) -> web.Application:
         return _reply(200 if settled else 202, {"ids": ids})
 
     async def dead_letters(request: web.Request) -> web.Response:
-        from engine.deadletters import view
+        from engine.core.deadletters import view
 
         return _reply(200, [view(dl) for dl in service.engine.dead_letters()])
 

@@ -27,18 +27,19 @@ from typing import Any
 
 import msgspec
 
+from engine.backoff import backoff_s
 from engine.config import Config
-from engine.delivery import (
+from engine.errors import CodecError, EngineError, Reject, Retry
+from engine.exitcodes import ChildExit
+from engine.worker.delivery import (
     DEAD_LETTERED,
     DELIVERED,
     EXPIRED,
     FrameTrack,
     Pending,
     RecipientLane,
-    backoff_s,
 )
-from engine.errors import CodecError, EngineError, Reject, Retry
-from engine.sinks import Sink
+from engine.worker.sinks import Sink
 from ipc.codec import DECODE_ERRORS, Kind, Message, decode, decode_batch
 from ipc.control import Histogram, StatsSnapshot, WorkerFailed, WorkerReady, send_control
 from ipc.records import (
@@ -57,13 +58,11 @@ from ipc.shard import (
     SLOT_FRAME_END,
     SLOT_INDEX,
     SLOT_LANE,
-    SLOT_MESSAGE_ID,
     SLOT_PID,
     ShardMemory,
     ShardSpec,
 )
 
-EXIT_BOOT_FAILED = 3
 FRAMES_PER_ROUND = 4  # frames fetched (and, for sync sinks, delivered) between yields
 # A sync handler runs on the loop: after this long without yielding, the rest of a
 # batch goes through the queue so signals, heartbeats and stats are never held up
@@ -435,7 +434,7 @@ class Worker:
         else:
             cfg = self.config
             delay = backoff_s(
-                msg.attempt, cfg.retry_backoff_base_s, cfg.retry_backoff_max_s, self.rng
+                msg.attempt, cfg.retry_backoff_base_s, cfg.retry_backoff_max_s, rng=self.rng
             )
         msg.attempt = attempts
         due_ns = time.monotonic_ns() + int(delay * 1e9)
@@ -677,7 +676,6 @@ class Worker:
             idx[SLOT_LANE] = p.frame.lane
             idx[SLOT_FRAME_END] = p.frame.end
             idx[SLOT_INDEX] = p.index
-            idx[SLOT_MESSAGE_ID] = p.msg.id & 0xFFFF_FFFF_FFFF_FFFF
             idx[SLOT_ACTIVE] = 1
             self.careful_left -= 1
 
@@ -868,7 +866,7 @@ def worker_main(
     # Payloads are checked in the dispatcher near the bottom of its stack; here they
     # are decoded deeper down (event loop, runners), so allow what it accepted.
     sys.setrecursionlimit(max(sys.getrecursionlimit(), WORKER_RECURSION_LIMIT))
-    from engine.sinks import make_sink
+    from engine.worker.sinks import make_sink
 
     def send(msg: Any) -> None:
         send_control(conn, msg)
@@ -877,7 +875,7 @@ def worker_main(
         sink = make_sink(config, handler)
     except Exception as exc:
         send(WorkerFailed(worker=index, pid=os.getpid(), error=str(exc)))
-        os._exit(EXIT_BOOT_FAILED)
+        os._exit(ChildExit.BOOT_FAILED)
     shard = ShardMemory.attach(spec)
     shard.slot_idx[SLOT_PID] = os.getpid()
     worker = Worker(index, shard, config, sink, plan)

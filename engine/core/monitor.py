@@ -25,9 +25,11 @@ import multiprocess
 import psutil
 from multiprocess.connection import wait
 
+from engine.backoff import backoff_s
 from engine.config import Config
+from engine.exitcodes import ChildExit
 from engine.procutil import die_with_parent
-from engine.worker import EXIT_BOOT_FAILED, WORKER_COUNTERS, WorkerPlan, worker_main
+from engine.worker.worker import WORKER_COUNTERS, WorkerPlan, worker_main
 from ipc.control import (
     Command,
     Histogram,
@@ -50,8 +52,6 @@ from ipc.shard import (
     ShardSpec,
 )
 
-EXIT_STARTUP_FAILED = 3
-EXIT_CRASHED = 70  # EX_SOFTWARE: the monitor itself failed
 BOOT_TIMEOUT_S = 60.0
 KILL_GRACE_S = 1.0
 TICK_S = 0.1
@@ -208,8 +208,8 @@ class Monitor:
             # Any death before ready is a boot failure (an import that exits hard too):
             # back off, never a respawn storm, and say why.
             slot.boot_failures += 1
-            delay = min(5.0, 0.1 * 2**slot.boot_failures)
-            if code != EXIT_BOOT_FAILED or not slot.error:
+            delay = backoff_s(slot.boot_failures, 0.1, 5.0, jitter="none")
+            if code != ChildExit.BOOT_FAILED or not slot.error:
                 slot.error = f"exited with code {code} before it was ready"
             self.report_failure(
                 slot.index,
@@ -226,7 +226,9 @@ class Monitor:
             self.count_crash(slot)
         crashes = max(slot.lane_crashes)
         # Repeated crashes at one place back off (never a respawn storm on 2 cores).
-        slot.respawn_at = now + (min(5.0, 0.05 * 2 ** (crashes - 1)) if crashes > 1 else 0.0)
+        slot.respawn_at = now + (
+            backoff_s(crashes - 1, 0.05, 5.0, jitter="none") if crashes > 1 else 0.0
+        )
 
     def count_crash(self, slot: WorkerSlot) -> None:
         shard = slot.shard
@@ -332,7 +334,7 @@ class Monitor:
         signal.signal(signal.SIGINT, signal.SIG_IGN)  # the dispatcher decides when to stop
         if not self.boot():
             self.stop_all(graceful=False)
-            return EXIT_STARTUP_FAILED
+            return ChildExit.BOOT_FAILED
         while True:
             waitables: list[Any] = [self.conn]
             for slot in self.slots:
@@ -469,5 +471,5 @@ def monitor_main(
         traceback.print_exc()
         with contextlib.suppress(BaseException):
             monitor.stop_all(graceful=False)
-        os._exit(EXIT_CRASHED)
+        os._exit(ChildExit.CRASHED)
     os._exit(code)

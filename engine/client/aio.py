@@ -26,7 +26,6 @@ import asyncio
 import concurrent.futures as cf
 import contextlib
 import logging
-import random
 import socket
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -35,9 +34,9 @@ from urllib.parse import urlsplit
 
 import msgspec
 
+from engine.backoff import backoff_s
 from engine.errors import (
     AuthenticationError,
-    CodecError,
     ConnectionLost,
     EngineClosed,
     EngineError,
@@ -71,6 +70,7 @@ from engine.protocol import (
     frame_length,
     server_decoder,
 )
+from ipc.codec import check_raw, pack_payload
 
 __all__ = ["DEFAULT_URL", "AsyncClient", "Client", "MessageFuture", "error_from_code", "parse_url"]
 
@@ -133,17 +133,10 @@ def _payload(payload: Any) -> msgspec.Raw:
     """Encode once at the edge; a Raw passes as is but must be one whole msgpack value,
     since a broken one would corrupt the frame that carries other callers' messages."""
     if type(payload) is _Raw:
-        try:
-            msgspec.msgpack.decode(payload)
-        except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
-            raise CodecError(f"payload given as msgspec.Raw is not valid msgpack: {exc}") from exc
-        return payload
+        return check_raw(payload)
     if payload is None:
         return _NIL
-    try:
-        return _Raw(_encode(payload))
-    except (TypeError, OverflowError) as exc:
-        raise CodecError(f"cannot encode payload of type {type(payload).__name__}: {exc}") from exc
+    return pack_payload(payload)
 
 
 def _partly_sent(exc: Exception, sent: int) -> Exception:
@@ -768,8 +761,9 @@ class AsyncClient:
 
     # -- the connection ----------------------------------------------------------
     def _backoff(self, failures: int) -> float:
-        delay = min(self.reconnect_max_s, self.reconnect_backoff_s * 2.0 ** (failures - 1))
-        return delay / 2 + random.uniform(0, delay / 2)
+        return backoff_s(
+            failures - 1, self.reconnect_backoff_s, self.reconnect_max_s, jitter="equal"
+        )
 
     async def _supervise(self) -> None:
         """Run the connection; a bug in here fails every call instead of hanging it."""
@@ -965,4 +959,4 @@ class AsyncClient:
 
 
 # The blocking client lives in its own module; importing it last avoids the cycle.
-from engine.client_sync import Client, MessageFuture  # noqa: E402
+from engine.client.sync import Client, MessageFuture  # noqa: E402

@@ -16,6 +16,7 @@ import urllib.error
 import urllib.request
 from typing import Any
 
+from engine.cli.flags import add_config_flags, overrides_from_args, positive_int
 from engine.config import Config, resolve_config
 from engine.exitcodes import ExitCode
 from ipc.errors import EngineError
@@ -30,8 +31,6 @@ class ServiceUnavailable(EngineError):
 
 def add_service_commands(sub: argparse._SubParsersAction[Any]) -> None:
     """Add ``serve``, ``stats``, ``send`` and ``dlq`` to the ``engine`` parser."""
-    from engine.cli import add_config_flags
-
     serve = sub.add_parser(
         "serve",
         help="run the service: dispatcher, workers, monitor, TCP and HTTP ingress",
@@ -44,7 +43,7 @@ def add_service_commands(sub: argparse._SubParsersAction[Any]) -> None:
         "--demo",
         nargs="?",
         const=DEMO_MESSAGES,
-        type=_count,
+        type=positive_int,
         metavar="N",
         help=f"after start, send N messages (default {DEMO_MESSAGES:,}) to {DEMO_AGENTS} agents "
         "through the TCP ingress and print the stats; the mock sink is used unless a handler "
@@ -99,12 +98,6 @@ def add_service_commands(sub: argparse._SubParsersAction[Any]) -> None:
     dlq.set_defaults(run=_cmd_dlq)
 
 
-def _count(text: str) -> int:
-    if not text.strip().isdigit() or int(text) < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text!r}")
-    return int(text)
-
-
 def _seconds(text: str) -> float:
     try:
         value = float(text)
@@ -130,9 +123,8 @@ def _env_config() -> Config:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import uvloop
 
-    from engine.cli import overrides_from_args
-    from engine.logs import setup_logging
-    from engine.service import Service
+    from engine.service.logs import setup_logging
+    from engine.service.server import Service
 
     overrides: dict[str, object] = dict(overrides_from_args(args))
     config, sources = resolve_config(overrides=overrides, source_label="cli")
@@ -145,7 +137,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
 async def _demo_load(service: Any, n: int) -> None:
     """Send ``n`` messages through the service's own TCP ingress and print what happened."""
-    from engine.client import AsyncClient
+    from engine.client.aio import AsyncClient
 
     agents = [f"Agent-{i}" for i in range(1, DEMO_AGENTS + 1)]
     url = f"tcp://{service.addresses['tcp']}"
@@ -261,7 +253,7 @@ def print_stats(stats: dict[str, Any], title: str = "") -> None:
 
 # -- send -------------------------------------------------------------------------------
 def _cmd_send(args: argparse.Namespace) -> int:
-    from engine.client import Client
+    from engine.client.aio import Client
 
     try:
         payload = json.loads(args.payload)

@@ -26,10 +26,10 @@ from typing import Any, NamedTuple
 import msgspec
 
 from engine.config import Config
-from engine.deadletters import DeadLetterStore
+from engine.core.deadletters import DeadLetterStore
+from engine.core.sharding import Sharder
 from engine.errors import CodecError, EngineClosed, FrameTooLargeError, QueueFull, RequestFailed
-from engine.sharding import Sharder
-from ipc.codec import Kind, Priority, pack_payload, parse_kind, parse_priority
+from ipc.codec import Kind, Priority, check_raw, pack_payload, parse_kind, parse_priority
 from ipc.records import (
     DeadLetter,
     FrameDone,
@@ -95,13 +95,6 @@ def _checked_extras(
     if not all(type(k) is str and type(v) is str for k, v in meta.items()):
         raise ValueError(f"metadata must map strings to strings, got {meta!r}")
     return tag_tuple, meta
-
-
-def _check_raw(raw: msgspec.Raw) -> None:
-    try:
-        msgspec.msgpack.decode(raw)
-    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError) as exc:
-        raise CodecError(f"payload given as msgspec.Raw is not valid msgpack: {exc}") from exc
 
 
 def _frames(items: list[bytes], size: int, max_bytes: int) -> list[tuple[bytes, int]]:
@@ -244,7 +237,7 @@ class Dispatcher:
                 raise ValueError(f"recipient must be a non-empty string, got {recipient!r}")
             if type(payload) is msgspec.Raw:
                 if not raw_checked:
-                    _check_raw(payload)  # a bad Raw would spoil its whole batch frame
+                    check_raw(payload)  # a bad Raw would spoil its whole batch frame
                 raw = payload
             else:
                 raw = pack_payload(payload)
@@ -471,9 +464,7 @@ class Dispatcher:
             else:
                 fut.set_exception(RequestFailed(rec.error))
         elif isinstance(rec, DeadLetter):
-            if rec.lane < 0:
-                self.dead.add(rec)
-            elif rec.frame_end > self.acked[shard][rec.lane]:
+            if rec.frame_end > self.acked[shard][rec.lane]:
                 self.provisional[shard].append(rec)
             # else: its frame was reported settled before; this is a redelivery's echo
         elif isinstance(rec, Redelivered):

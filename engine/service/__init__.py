@@ -1,0 +1,1 @@
+"""``engine serve``: lifecycle and signals, the binary TCP/unix ingress, HTTP, metrics, logs."""
