@@ -1,5 +1,7 @@
 """The binary ingress: TCP and unix-socket servers speaking `engine.protocol` frames.
 
+This module accepts and limits connections; `engine.service.connection` serves each one.
+
 One coroutine per connection reads frames and queues their messages in the
 engine.  A Submit is acked as soon as its messages are in a ring; while a ring
 is full the connection's reader waits in ``submit_many`` and reads nothing, so
@@ -18,57 +20,18 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 import os
 import socket
-from collections.abc import Awaitable
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING
 
-import msgspec
-
-from engine.errors import EngineClosed, EngineError, RequestFailed, RequestTimeout
-from engine.protocol import (
-    ERR_AUTH,
-    ERR_BAD_FRAME,
-    ERR_BAD_REQUEST,
-    ERR_BUSY,
-    ERR_CLOSED,
-    ERR_HANDLER,
-    ERR_INTERNAL,
-    ERR_TIMEOUT,
-    ERR_TOO_LARGE,
-    HEADER_BYTES,
-    PROTOCOL_VERSION,
-    Ack,
-    Broadcast,
-    ClientFrame,
-    Error,
-    Hello,
-    Publish,
-    Register,
-    Request,
-    Response,
-    SendOptions,
-    ServerFrame,
-    Submit,
-    Subscribe,
-    Welcome,
-    client_decoder,
-    encode_frame,
-    encode_frames_into,
-    frame_length,
-)
-from ipc.codec import DECODE_ERRORS
+from engine.protocol import ERR_BUSY, ERR_CLOSED, Error, encode_frame
+from engine.service.connection import Connection, close_writer
 
 if TYPE_CHECKING:
     from engine.core.engine import Engine
 
 log = logging.getLogger("engine.ingress")
-
-PENDING_ANSWERS = 256  # answers queued per connection before its reader pauses
-HELLO_TIMEOUT_S = 10.0  # a connection must introduce itself within this time
-WRITE_BATCH = 64  # answers coalesced into one socket write at most
 
 COUNTERS = (
     "connections_total",
@@ -79,40 +42,6 @@ COUNTERS = (
     "bad_frames_total",
     "errors_total",
 )
-
-Answer = ServerFrame | asyncio.Task[ServerFrame]
-# What decoding untrusted bytes may raise (ValidationError is a DecodeError).
-_UNDECODABLE = DECODE_ERRORS
-
-
-class ProtocolViolation(EngineError):
-    """Raised inside a connection when the peer broke the framing; the connection closes."""
-
-    def __init__(self, code: str, reason: str) -> None:
-        self.code = code
-        super().__init__(reason)
-
-
-def send_options(opts: SendOptions) -> dict[str, Any]:
-    """The Engine keywords a frame's SendOptions stand for (only the non-default ones)."""
-    out: dict[str, Any] = {}
-    if opts.priority != "normal":
-        out["priority"] = opts.priority
-    if opts.ttl_s is not None:
-        out["ttl"] = opts.ttl_s
-    if opts.kind != "direct":
-        out["kind"] = opts.kind
-    if opts.sender:
-        out["sender"] = opts.sender
-    if opts.reply_to:
-        out["reply_to"] = opts.reply_to
-    if opts.tags:
-        out["tags"] = opts.tags
-    if opts.metadata:
-        out["metadata"] = opts.metadata
-    if opts.dedup_key:
-        out["dedup_key"] = opts.dedup_key
-    return out
 
 
 class Ingress:
@@ -192,7 +121,7 @@ class Ingress:
             writer.write(
                 encode_frame(Error(0, ERR_CLOSED if not self.accepting else ERR_BUSY, reason))
             )
-            await _close(writer)
+            await close_writer(writer)
             return
         sock = writer.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
@@ -203,276 +132,3 @@ class Ingress:
             await conn.run()
         finally:
             self.connections.pop(task, None)
-
-
-class Connection:
-    """One client: a reader loop and an in-order writer of answers."""
-
-    def __init__(
-        self,
-        ingress: Ingress,
-        reader: asyncio.StreamReader,
-        writer: asyncio.StreamWriter,
-        peer: str,
-    ) -> None:
-        self.ingress = ingress
-        self.engine = ingress.engine
-        self.counts = ingress.counts
-        self.reader = reader
-        self.writer = writer
-        self.peer = peer
-        self.answers: asyncio.Queue[Answer | None] = asyncio.Queue(PENDING_ANSWERS)
-        self.slow: set[asyncio.Task[ServerFrame]] = set()  # requests and settled acks
-        self.idle = False
-
-    async def run(self) -> None:
-        sender = asyncio.ensure_future(self._send_answers())
-        try:
-            await self._handshake()
-            while self.ingress.accepting:
-                frame = await self._read_frame()
-                if frame is None:
-                    break
-                await self.answers.put(await self._handle(frame))
-        except ProtocolViolation as exc:
-            self._count_error(exc.code)
-            log.warning("closing connection from %s: %s", self.peer, exc)
-            await self.answers.put(Error(0, exc.code, str(exc)))
-        except (ConnectionError, asyncio.IncompleteReadError):
-            sender.cancel()  # the client went away; what it had in flight is its to retry
-        except Exception as exc:  # a bug of ours: tell the client, keep serving the others
-            log.exception("connection from %s failed", self.peer)
-            self._count_error(ERR_INTERNAL)
-            with contextlib.suppress(asyncio.QueueFull):
-                self.answers.put_nowait(Error(0, ERR_INTERNAL, f"{type(exc).__name__}: {exc}"))
-        finally:
-            self.idle = False
-            await self._finish(sender)
-
-    async def _finish(self, sender: asyncio.Future[None]) -> None:
-        """Let the writer send the answers still owed (bounded), then close."""
-        if not sender.done():
-            with contextlib.suppress(TimeoutError, ConnectionError, asyncio.CancelledError):
-                # Bounded as a whole: a client that stopped reading fills the queue too.
-                async with asyncio.timeout(self.ingress.answer_linger_s):
-                    await self.answers.put(None)
-                    await asyncio.shield(sender)
-        sender.cancel()
-        for task in self.slow:
-            task.cancel()
-        await _close(self.writer)
-
-    def stop_reading(self) -> None:
-        """End the read loop if it is waiting for a frame (never inside one)."""
-        if self.idle:
-            # Paused first: data arriving after feed_eof would trip the reader's assert.
-            # (uvloop's transports are not asyncio.ReadTransport subclasses: no isinstance)
-            cast(asyncio.Transport, self.writer.transport).pause_reading()
-            self.reader.feed_eof()
-
-    async def _handshake(self) -> None:
-        try:
-            frame = await asyncio.wait_for(self._read_frame(), HELLO_TIMEOUT_S)
-        except TimeoutError:
-            raise ProtocolViolation(ERR_BAD_FRAME, f"no Hello within {HELLO_TIMEOUT_S}s") from None
-        if frame is None:
-            raise ConnectionResetError
-        if not isinstance(frame, Hello):
-            raise ProtocolViolation(ERR_BAD_FRAME, "the first frame must be Hello")
-        if frame.version != PROTOCOL_VERSION:
-            raise ProtocolViolation(
-                ERR_BAD_FRAME,
-                f"protocol version {frame.version} is not supported (server speaks "
-                f"{PROTOCOL_VERSION})",
-            )
-        token = self.ingress.token
-        if token and not hmac.compare_digest(frame.token.encode(), token.encode()):
-            self.counts["auth_failures_total"] += 1
-            reason = "a token is required" if not frame.token else "the token is wrong"
-            raise ProtocolViolation(ERR_AUTH, reason)
-        await self.answers.put(Welcome(PROTOCOL_VERSION, "ringway", self.ingress.max_frame_bytes))
-
-    async def _read_frame(self) -> ClientFrame | None:
-        """The next decodable frame; None at a clean end of stream."""
-        while True:
-            try:
-                self.idle = True  # between frames: stop_reading may end the stream here
-                header = await self.reader.readexactly(HEADER_BYTES)
-                self.idle = False
-            except asyncio.IncompleteReadError as exc:
-                self.idle = False
-                if exc.partial:
-                    raise ProtocolViolation(ERR_BAD_FRAME, "truncated frame header") from None
-                return None
-            n = frame_length(header)
-            if n > self.ingress.max_frame_bytes:
-                raise ProtocolViolation(
-                    ERR_TOO_LARGE,
-                    f"frame of {n:,} bytes exceeds ENGINE_MAX_FRAME_BYTES="
-                    f"{self.ingress.max_frame_bytes:,}",
-                )
-            try:
-                body = await self.reader.readexactly(n)
-            except asyncio.IncompleteReadError:
-                raise ProtocolViolation(
-                    ERR_BAD_FRAME, f"truncated frame (header said {n:,} bytes)"
-                ) from None
-            self.counts["frames_total"] += 1
-            try:
-                frame: ClientFrame = client_decoder.decode(body)
-            except _UNDECODABLE as exc:
-                self._count_error(ERR_BAD_FRAME)
-                await self.answers.put(
-                    Error(_seq_of(body), ERR_BAD_FRAME, f"undecodable frame: {exc}")
-                )
-            else:
-                return frame
-
-    async def _handle(self, frame: ClientFrame) -> Answer:
-        """Act on one frame; returns its answer (or an awaitable of it, kept in order)."""
-        eng = self.engine
-        try:
-            if isinstance(frame, Submit):
-                if frame.settled:
-                    # Queued here, in frame order and under backpressure; only the
-                    # wait for settlement runs beside the reader.
-                    ids, marks = await eng.submit_marked(
-                        frame.items, raw_checked=True, **send_options(frame.options)
-                    )
-                    self.counts["messages_total"] += len(ids)
-                    return self._later(frame.seq, self._settled_ack(frame.seq, ids, marks))
-                ids = await eng.submit_many(
-                    frame.items, raw_checked=True, **send_options(frame.options)
-                )
-                self.counts["messages_total"] += len(ids)
-                return Ack(frame.seq, ids)
-            if isinstance(frame, Request):
-                coro = eng.request(
-                    frame.recipient,
-                    frame.payload,
-                    timeout=frame.timeout_s,
-                    **send_options(frame.options),
-                )
-                return self._later(frame.seq, _response(frame.seq, coro))
-            if isinstance(frame, Publish):
-                ids = await eng.publish(frame.topic, frame.payload, **send_options(frame.options))
-                self.counts["messages_total"] += len(ids)
-                return Ack(frame.seq, ids)
-            if isinstance(frame, Broadcast):
-                ids = await eng.broadcast(frame.payload, **send_options(frame.options))
-                self.counts["messages_total"] += len(ids)
-                return Ack(frame.seq, ids)
-            if isinstance(frame, Subscribe):
-                if frame.unsubscribe:
-                    eng.unsubscribe(frame.topic, frame.recipient)
-                else:
-                    eng.subscribe(frame.topic, frame.recipient)
-                return Ack(frame.seq)
-            if isinstance(frame, Register):
-                if frame.unregister:
-                    eng.unregister(frame.recipient)
-                else:
-                    eng.register(frame.recipient)
-                return Ack(frame.seq)
-            return self._error(0, ERR_BAD_FRAME, "Hello may only be the first frame")
-        except EngineClosed as exc:
-            return self._error(_frame_seq(frame), ERR_CLOSED, str(exc))
-        except (ValueError, TypeError, EngineError) as exc:
-            return self._error(_frame_seq(frame), ERR_BAD_REQUEST, str(exc))
-
-    async def _settled_ack(
-        self, seq: int, ids: list[int], marks: list[tuple[int, int, int]]
-    ) -> ServerFrame:
-        await self.engine.wait_settled(marks)
-        return Ack(seq, ids)
-
-    def _later(self, seq: int, coro: Awaitable[ServerFrame]) -> asyncio.Task[ServerFrame]:
-        """Run a slow answer as a task; errors become Error frames for ``seq``."""
-
-        async def guarded() -> ServerFrame:
-            try:
-                return await coro
-            except RequestTimeout as exc:
-                return self._error(seq, ERR_TIMEOUT, str(exc))
-            except RequestFailed as exc:
-                return self._error(seq, ERR_HANDLER, str(exc))
-            except EngineClosed as exc:
-                return self._error(seq, ERR_CLOSED, str(exc))
-            except (ValueError, TypeError, EngineError) as exc:
-                return self._error(seq, ERR_BAD_REQUEST, str(exc))
-            except Exception as exc:
-                log.exception("request %d from %s failed", seq, self.peer)
-                return self._error(seq, ERR_INTERNAL, f"{type(exc).__name__}: {exc}")
-
-        task = asyncio.ensure_future(guarded())
-        self.slow.add(task)
-        task.add_done_callback(self.slow.discard)
-        return task
-
-    def _error(self, seq: int, code: str, reason: str) -> Error:
-        self._count_error(code)
-        return Error(seq, code, reason)
-
-    def _count_error(self, code: str) -> None:
-        self.counts["errors_total"] += 1
-        if code in (ERR_BAD_FRAME, ERR_TOO_LARGE):
-            self.counts["bad_frames_total"] += 1
-
-    async def _send_answers(self) -> None:
-        """Write answers in request order, several per socket write when they are ready."""
-        out = bytearray()
-        while True:
-            item = await self.answers.get()
-            if item is None:
-                return
-            batch = [await _settle(item)]
-            while len(batch) < WRITE_BATCH and not self.answers.empty():
-                nxt = self.answers.get_nowait()
-                if nxt is None:
-                    self._write(batch, out)
-                    await self.writer.drain()
-                    return
-                if isinstance(nxt, asyncio.Future) and not nxt.done():
-                    self._write(batch, out)  # what is ready goes out while this one waits
-                    batch = []
-                batch.append(await _settle(nxt))
-            self._write(batch, out)
-            await self.writer.drain()
-
-    def _write(self, frames: list[ServerFrame], out: bytearray) -> None:
-        if frames:
-            out.clear()
-            encode_frames_into(list(frames), out)
-            self.writer.write(bytes(out))
-
-
-async def _settle(answer: Answer) -> ServerFrame:
-    if isinstance(answer, asyncio.Future):
-        return await answer
-    return answer
-
-
-async def _response(seq: int, coro: Awaitable[Any]) -> ServerFrame:
-    value = await coro
-    return Response(seq, msgspec.Raw(msgspec.msgpack.encode(value)))
-
-
-def _frame_seq(frame: ClientFrame) -> int:
-    return getattr(frame, "seq", 0)
-
-
-def _seq_of(body: bytes) -> int:
-    """Best-effort seq of an undecodable frame (element 1 of its array), else 0."""
-    try:
-        raw = msgspec.msgpack.decode(body)
-    except _UNDECODABLE:
-        return 0
-    if isinstance(raw, list) and len(raw) > 1 and type(raw[1]) is int and 0 <= raw[1] < 1 << 63:
-        return raw[1]
-    return 0
-
-
-async def _close(writer: asyncio.StreamWriter) -> None:
-    writer.close()
-    with contextlib.suppress(ConnectionError, OSError):
-        await writer.wait_closed()
