@@ -123,7 +123,7 @@ def _env_config() -> Config:
 def _cmd_serve(args: argparse.Namespace) -> int:
     import uvloop
 
-    from engine.service.logs import setup_logging
+    from engine.logs import setup_logging
     from engine.service.server import Service
 
     overrides: dict[str, object] = dict(overrides_from_args(args))

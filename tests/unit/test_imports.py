@@ -25,6 +25,7 @@ SHARED = {
     "engine.errors",
     "engine.exitcodes",
     "engine.limits",
+    "engine.logs",
     "engine.procutil",
     "engine.protocol",
 }

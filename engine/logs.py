@@ -1,4 +1,4 @@
-"""Structured logging for the service: one line per event, JSON or text.
+"""Logging for every process: JSON or text lines, and a rate limiter for noisy events.
 
 ``ENGINE_LOG_FORMAT=json`` writes one JSON object per line (ts, level, logger,
 msg, plus the fields passed as ``extra=``), which log shippers parse without
@@ -65,3 +65,51 @@ def setup_logging(level: str, fmt: str) -> None:
     root.handlers[:] = [handler]
     root.setLevel(level)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+
+
+class LogLimiter:
+    """One line per key and interval; what it holds back is counted and told with the next line.
+
+    A failing handler at 100k msgs/s or a fuzzing client must not flood the log
+    (or block on a full stderr pipe): callers ask ``allow(key)`` before logging
+    and add the suppressed count to the line they write.
+    """
+
+    def __init__(self, interval_s: float = 10.0, max_keys: int = 4096) -> None:
+        if interval_s < 0 or max_keys < 1:
+            raise ValueError(
+                f"need interval_s >= 0 and max_keys >= 1, got {interval_s}, {max_keys}"
+            )
+        self.interval_s = interval_s
+        self.max_keys = max_keys
+        self._last: dict[object, float] = {}
+        self._held: dict[object, int] = {}
+        self.suppressed_total = 0
+
+    def allow(self, key: object, now: float | None = None) -> int | None:
+        """None: stay quiet this time. Else how many lines for ``key`` were held back since."""
+        now = time.monotonic() if now is None else now
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval_s:
+            self._held[key] = self._held.get(key, 0) + 1
+            self.suppressed_total += 1
+            return None
+        if last is None and len(self._last) >= self.max_keys:
+            self._evict(now)
+        self._last[key] = now
+        return self._held.pop(key, 0)
+
+    def _evict(self, now: float) -> None:
+        """Forget keys quiet for a whole interval; if none is, the oldest (bounded memory)."""
+        for k in [k for k, t in self._last.items() if now - t >= self.interval_s]:
+            del self._last[k]
+            self._held.pop(k, None)
+        if len(self._last) >= self.max_keys:
+            oldest = min(self._last, key=self._last.__getitem__)
+            del self._last[oldest]
+            self._held.pop(oldest, None)
+
+
+def suppressed_note(count: int) -> str:
+    """The tail a rate-limited line carries: empty, or how many similar lines were held back."""
+    return f" ({count:,} similar suppressed)" if count else ""

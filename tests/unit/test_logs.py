@@ -1,0 +1,46 @@
+"""The log rate limiter: one line per key and interval, held-back lines counted and told."""
+
+from __future__ import annotations
+
+from hypothesis import given
+from hypothesis import strategies as st
+
+from engine.logs import LogLimiter, suppressed_note
+
+
+def test_one_line_per_key_and_interval_then_the_held_back_count() -> None:
+    lim = LogLimiter(interval_s=10.0)
+    assert lim.allow("a", now=0.0) == 0
+    assert lim.allow("a", now=1.0) is None
+    assert lim.allow("a", now=9.9) is None
+    assert lim.allow("b", now=2.0) == 0  # keys are apart
+    assert lim.allow("a", now=10.0) == 2
+    assert lim.allow("a", now=20.5) == 0
+    assert lim.suppressed_total == 2
+    assert suppressed_note(0) == ""
+    assert suppressed_note(1234) == " (1,234 similar suppressed)"
+
+
+def test_memory_stays_bounded_with_many_keys() -> None:
+    lim = LogLimiter(interval_s=10.0, max_keys=8)
+    for i in range(1000):
+        assert lim.allow(i, now=float(i) / 1000) == 0
+    assert len(lim._last) <= 8
+
+
+@given(st.lists(st.tuples(st.integers(0, 3), st.floats(0, 5)), max_size=200))
+def test_every_event_is_either_written_or_counted_in_a_later_line(
+    events: list[tuple[int, float]],
+) -> None:
+    lim = LogLimiter(interval_s=1.0)
+    now = 0.0
+    written = told = 0
+    for key, step in events:
+        now += step
+        got = lim.allow(key, now=now)
+        if got is not None:
+            written += 1
+            told += got
+    held = sum(lim._held.values())
+    assert written + told + held == len(events)
+    assert told + held == lim.suppressed_total
