@@ -253,7 +253,7 @@ def print_stats(stats: dict[str, Any], title: str = "") -> None:
 
 # -- send -------------------------------------------------------------------------------
 def _cmd_send(args: argparse.Namespace) -> int:
-    from engine.client.aio import Client
+    from engine.client.sync import Client
 
     try:
         payload = json.loads(args.payload)

@@ -1,6 +1,6 @@
 """The blocking `Client`: an `AsyncClient` on a private event loop in a daemon thread.
 
-Split from engine.client.aio so the asyncio client reads on its own; see there for
+Apart from engine.client.aio so the asyncio client reads on its own; see there for
 the protocol, batching and reconnect rules, which are the same.
 """
 
@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import logging
 import threading
 import time
 from collections import deque
@@ -17,22 +18,23 @@ from typing import Any, TypeVar, cast
 
 import msgspec
 
-from engine.client.aio import (
-    _DEFAULT_SPEC,
-    DEFAULT_URL,
-    AsyncClient,
-    Waiter,
-    _bad_recipient,
-    _futures_log,
-    _partly_sent,
-    _payload,
-    _Spec,
+from engine.client.aio import AsyncClient
+from engine.client.connection import DEFAULT_URL
+from engine.client.options import (
+    DEFAULT_SPEC,
+    Spec,
+    Specs,
+    bad_recipient,
+    encode_payload,
+    partly_sent,
 )
+from engine.client.pipeline import Waiter
 from engine.errors import EngineClosed, ServiceError
 
 __all__ = ["Client", "MessageFuture"]
 
 T = TypeVar("T")
+_futures_log = logging.getLogger("concurrent.futures")  # where Future logs a failed callback
 
 
 class MessageFuture(cf.Future[int]):
@@ -53,7 +55,7 @@ class MessageFuture(cf.Future[int]):
     _cb: list[Callable[[cf.Future[int]], object]] | None = None
 
     def __init__(  # no super().__init__(): see above
-        self, condition: threading.Condition, spec: _Spec, recipient: str, raw: msgspec.Raw | None
+        self, condition: threading.Condition, spec: Spec, recipient: str, raw: msgspec.Raw | None
     ) -> None:
         self._condition = condition
         self._state = RUNNING
@@ -166,6 +168,7 @@ class Client:
             raise ValueError(f"max_pending must be an integer >= 1, got {max_pending!r}")
         self._cond = threading.Condition()  # shared by every MessageFuture and the backpressure
         self._ac = _LoopClient(url, token, self._cond, **settings)
+        self._specs = Specs()
         self.url = url
         self.max_pending = max_pending
         self._outbox: deque[MessageFuture] = deque()  # carries its message: see MessageFuture
@@ -225,10 +228,10 @@ class Client:
         once the service acked it."""
         if self._closed:
             raise EngineClosed(f"the client of {self.url} is closed")
-        spec = self._ac._spec(options, settled) if options or settled else _DEFAULT_SPEC
+        spec = self._specs.get(options, settled) if options or settled else DEFAULT_SPEC
         if type(recipient) is not str or not recipient:
-            raise _bad_recipient(recipient)
-        fut = MessageFuture(self._cond, spec, recipient, _payload(payload))
+            raise bad_recipient(recipient)
+        fut = MessageFuture(self._cond, spec, recipient, encode_payload(payload))
         self._outbox.append(fut)
         self._submitted += 1
         if not self._scheduled:
@@ -266,7 +269,7 @@ class Client:
         if self._closed:
             raise EngineClosed(f"the client of {self.url} is closed")
         ac = self._ac
-        spec = ac._spec(options, settled) if options or settled else _DEFAULT_SPEC
+        spec = self._specs.get(options, settled) if options or settled else DEFAULT_SPEC
         futs: list[asyncio.Future[Any]] = []
 
         async def enqueue(chunk: list[tuple[str, msgspec.Raw]]) -> asyncio.Future[Any]:
@@ -283,7 +286,7 @@ class Client:
                 futs.append(self._call(enqueue(chunk)))
                 sent += len(chunk)
         except (ValueError, TypeError, ServiceError) as exc:
-            raise _partly_sent(exc, sent) from exc
+            raise partly_sent(exc, sent) from exc
         ids: list[int] = []
         for result in self._call(collect()):
             if isinstance(result, BaseException):
