@@ -71,7 +71,7 @@ def test_large_messages_are_split_across_frames_and_all_delivered() -> None:
 def test_malformed_message_inside_a_frame_is_dead_lettered_not_fatal() -> None:
     """A frame the worker cannot fully decode must not crash it (it would come back after
     every respawn): the bad message is dead-lettered as malformed, its neighbours delivered."""
-    from engine.core.dispatcher import array_header
+    from engine.core.builder import array_header
     from ipc.codec import Priority
 
     async def go() -> tuple[dict[str, Any], list[Any]]:
