@@ -2,10 +2,10 @@
 
 Submit (one, many, with settlement marks), request and reply, register and
 broadcast, subscribe and publish, drain, stats and dead letters: every call
-goes to the dispatcher.  It is apart from `Engine`, which brings the memory and
-the processes up and down, so the blocking facade (`engine.core.sync`) can
-mirror this API without importing `Engine`; `Engine` is the one class
-that combines both.
+goes to the dispatcher.  It is apart from `Engine` (`engine.core.engine`),
+which brings the memory and the processes up and down, so the blocking facade
+(`engine.core.sync`), which `Engine` returns, can be typed against this API
+without an import cycle.  `Engine` is the one class built on it.
 """
 
 from __future__ import annotations
