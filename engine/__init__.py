@@ -20,7 +20,8 @@ from engine.errors import (
 from ipc.codec import Kind, Message, Priority
 
 if TYPE_CHECKING:
-    from engine.core.engine import Engine, SyncEngine
+    from engine.core.engine import Engine
+    from engine.core.sync import SyncEngine
 
 __version__ = "0.1.0"
 
@@ -45,8 +46,12 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
-    if name in ("Engine", "SyncEngine"):
-        from engine.core import engine as _engine
+    if name == "Engine":
+        from engine.core.engine import Engine
 
-        return getattr(_engine, name)
+        return Engine
+    if name == "SyncEngine":
+        from engine.core.sync import SyncEngine
+
+        return SyncEngine
     raise AttributeError(f"module 'engine' has no attribute {name!r}")

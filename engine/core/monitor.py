@@ -3,33 +3,32 @@
 It forks workers (it runs no threads and no event loop, so fork is safe),
 notices a death at once through process sentinels and a stall by heartbeat
 age, and respawns the worker on the same rings so it resumes at ``committed``.
-Crashes that keep a lane's ``committed`` in place are counted; from
-``poison_max_crashes - 1`` on the respawned worker delivers its redelivery
-window one message at a time, recording each in its slot, so the crash that
-reaches the limit names the message to quarantine as a ``worker_crash``.
 A worker that cannot boot at start fails the engine's start (no respawn storm).
+This module is the loop: spawn, boot, read, stalls, report, commands, stop.
+What a death means (crash counts, poison quarantine, backoff) is in
+`engine.core.worker_slot`; graceful restarts (reload, limits) in
+`engine.core.recycling`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import random
 import signal
 import time
 import traceback
-from dataclasses import dataclass, field
 from typing import Any
 
 import multiprocess
 import psutil
 from multiprocess.connection import wait
 
-from engine.backoff import backoff_s
 from engine.config import Config
+from engine.core.recycling import Recycler, jittered
+from engine.core.worker_slot import WorkerSlot
 from engine.exitcodes import ChildExit
 from engine.procutil import die_with_parent
-from engine.worker.worker import WORKER_COUNTERS, WorkerPlan, worker_main
+from engine.worker.worker import WORKER_COUNTERS, worker_main
 from ipc.control import (
     Command,
     Histogram,
@@ -38,61 +37,19 @@ from ipc.control import (
     WorkerFailed,
     WorkerInfo,
     WorkerReady,
-    WorkerRecycled,
     recv_control,
     send_control,
 )
-from ipc.shard import (
-    LANES,
-    SLOT_ACTIVE,
-    SLOT_FRAME_END,
-    SLOT_INDEX,
-    SLOT_LANE,
-    ShardMemory,
-    ShardSpec,
-)
+from ipc.shard import ShardMemory, ShardSpec
 
 BOOT_TIMEOUT_S = 60.0
 KILL_GRACE_S = 1.0
 TICK_S = 0.1
-RELOAD = "reload"  # the recycle reason of a rolling restart (SIGHUP, Engine.reload)
-
-
-@dataclass
-class WorkerSlot:
-    """Everything the monitor remembers about one shard's worker across respawns."""
-
-    index: int
-    shard: ShardMemory
-    proc: Any = None
-    conn: Any = None
-    pid: int = 0
-    restarts: int = 0
-    ready: bool = False
-    stopping: bool = False
-    kill_sent_at: float = 0.0
-    last_beat: int = -1
-    last_beat_at: float = 0.0
-    lane_crashes: list[int] = field(default_factory=lambda: [0] * LANES)
-    last_committed: tuple[int, ...] = ()
-    last_fetched: tuple[int, ...] = ()
-    quarantine: set[tuple[int, int, int]] = field(default_factory=set)
-    boot_failures: int = 0
-    respawn_at: float = 0.0
-    plan: WorkerPlan = field(default_factory=WorkerPlan)
-    latest: StatsSnapshot | None = None
-    retired: dict[str, int] = field(default_factory=lambda: dict.fromkeys(WORKER_COUNTERS, 0))
-    retired_start: Histogram = field(default_factory=Histogram)
-    retired_settle: Histogram = field(default_factory=Histogram)
-    ps: Any = None
-    rss: int = 0
-    error: str = ""  # why the last process could not boot; cleared once one is ready
-    recycled: int = 0
-    recycle_pid: int = 0  # the process asked to exit gracefully, 0 when none
-    message_limit: int = 0  # this process's jittered ENGINE_MAX_MESSAGES_PER_WORKER
 
 
 class Monitor:
+    """The monitor's state and loop: one `WorkerSlot` per shard, the pipe to the dispatcher."""
+
     def __init__(self, specs: list[ShardSpec], config: Config, handler: Any, conn: Any) -> None:
         self.config = config
         self.handler = handler
@@ -101,9 +58,7 @@ class Monitor:
         self.slots = [WorkerSlot(s.index, ShardMemory.attach(s)) for s in specs]
         self.stopping = False
         self.next_report = 0.0
-        # Graceful restarts wait here and run one at a time, so capacity never drops
-        # by more than one worker (a rolling restart, as gunicorn does on HUP).
-        self.recycle_queue: dict[int, str] = {}
+        self.recycler = Recycler(self.slots, config, conn)
 
     # -- lifecycle --------------------------------------------------------------
     def spawn(self, slot: WorkerSlot) -> None:
@@ -124,17 +79,7 @@ class Monitor:
         )
         proc.start()
         there.close()
-        slot.proc, slot.conn, slot.pid = proc, here, proc.pid
-        slot.ready = False
-        slot.kill_sent_at = 0.0
-        slot.last_beat = slot.shard.lanes[0].heartbeat
-        slot.last_beat_at = time.monotonic()
-        slot.message_limit = _jittered(self.config.max_messages_per_worker)
-        try:
-            slot.ps = psutil.Process(proc.pid)
-            slot.ps.cpu_percent(None)
-        except psutil.Error:
-            slot.ps = None
+        slot.started(proc, here, jittered(self.config.max_messages_per_worker))
 
     def boot(self) -> bool:
         """Start every worker and wait until each is ready; False if one cannot boot."""
@@ -191,79 +136,20 @@ class Monitor:
         return msg
 
     def on_death(self, slot: WorkerSlot) -> None:
-        """Account for a dead worker and schedule its respawn."""
+        """Reap a dead worker, keep its last stats and schedule its respawn."""
         slot.proc.join()
         code = slot.proc.exitcode
         while slot.conn.poll():
             if self.read(slot) is None:
                 break
         slot.conn.close()
-        self.retire_stats(slot)
+        slot.retire_stats()
         slot.proc = None
         if self.stopping:
             return
-        slot.restarts += 1
-        now = time.monotonic()
-        if not slot.ready:
-            # Any death before ready is a boot failure (an import that exits hard too):
-            # back off, never a respawn storm, and say why.
-            slot.boot_failures += 1
-            delay = backoff_s(slot.boot_failures, 0.1, 5.0, jitter="none")
-            if code != ChildExit.BOOT_FAILED or not slot.error:
-                slot.error = f"exited with code {code} before it was ready"
-            self.report_failure(
-                slot.index,
-                f"worker {slot.index} cannot boot: {slot.error}; retrying in {delay:.1f}s",
-            )
-            slot.respawn_at = now + delay
-            return
-        if slot.recycle_pid == slot.pid and code == 0:
-            # A requested exit (reload, recycle): not a crash, history starts over.
-            slot.lane_crashes = [0] * LANES
-            slot.last_committed = slot.last_fetched = ()
-            slot.plan = WorkerPlan(quarantine=set(slot.quarantine))
-        else:
-            self.count_crash(slot)
-        crashes = max(slot.lane_crashes)
-        # Repeated crashes at one place back off (never a respawn storm on 2 cores).
-        slot.respawn_at = now + (
-            backoff_s(crashes - 1, 0.05, 5.0, jitter="none") if crashes > 1 else 0.0
-        )
-
-    def count_crash(self, slot: WorkerSlot) -> None:
-        shard = slot.shard
-        committed = shard.committed()
-        fetched = tuple(r.read_pos for r in shard.lanes)
-        for lane, ring in enumerate(shard.lanes):
-            pending = ring.write_pos > committed[lane]
-            # "The same crash again": since the last crash the lane settled nothing
-            # beyond what the crashed worker had fetched, so the culprit is still
-            # among those messages (settling some of them does not clear suspicion).
-            same = bool(slot.last_committed) and committed[lane] <= slot.last_fetched[lane]
-            slot.lane_crashes[lane] = (slot.lane_crashes[lane] + 1 if same else 1) if pending else 0
-        slot.last_committed = committed
-        slot.last_fetched = fetched
-        idx = shard.slot_idx
-        limit = self.config.poison_max_crashes
-        crashes = max(slot.lane_crashes)
-        if idx[SLOT_ACTIVE]:
-            lane = int(idx[SLOT_LANE])
-            if slot.lane_crashes[lane] >= limit:
-                slot.quarantine.add((lane, int(idx[SLOT_FRAME_END]), int(idx[SLOT_INDEX])))
-                slot.lane_crashes[lane] = 0
-            idx[SLOT_ACTIVE] = 0
-        slot.plan = WorkerPlan(
-            careful=crashes >= max(1, limit - 1), quarantine=set(slot.quarantine), crashes=crashes
-        )
-
-    def retire_stats(self, slot: WorkerSlot) -> None:
-        snap, slot.latest = slot.latest, None
-        if snap is None:
-            return
-        for k, v in snap.counters.items():
-            slot.retired[k] = slot.retired.get(k, 0) + v
-        slot.retired_start.merge(snap.latency_start)
-        slot.retired_settle.merge(snap.latency_settle)
+        failure = slot.died(code, time.monotonic(), self.config.poison_max_crashes)
+        if failure:
+            self.report_failure(slot.index, failure)
 
     def check_stalls(self, now: float) -> None:
         for slot in self.slots:
@@ -276,9 +162,9 @@ class Monitor:
             age = now - slot.last_beat_at
             if slot.kill_sent_at == 0.0 and age > self.config.stall_timeout_s:
                 slot.kill_sent_at = now
-                _signal(slot.pid, signal.SIGTERM)
+                slot.signal(signal.SIGTERM)
             elif slot.kill_sent_at and now - slot.kill_sent_at > KILL_GRACE_S:
-                _signal(slot.pid, signal.SIGKILL)
+                slot.signal(signal.SIGKILL)
 
     # -- reporting ---------------------------------------------------------------
     def report(self) -> MonitorReport:
@@ -360,8 +246,8 @@ class Monitor:
             if now >= self.next_report:
                 self.next_report = now + self.config.stats_interval_s
                 send_control(self.conn, self.report())
-                self.check_limits()
-            self.advance_recycling()
+                self.recycler.check_limits()
+            self.recycler.advance(self.stopping)
 
     def command(self) -> bool:
         """Handle one dispatcher command; False once the monitor should exit."""
@@ -378,80 +264,26 @@ class Monitor:
             if msg.op == "snapshot":
                 send_control(self.conn, self.report())
             elif msg.op == "reload":
-                for slot in self.slots:
-                    self.recycle_queue.setdefault(slot.index, RELOAD)
+                self.recycler.reload()
         return True
 
-    # -- graceful restarts ----------------------------------------------------------
-    def check_limits(self) -> None:
-        """Queue a graceful restart for workers over the RSS or message limit."""
-        max_rss = self.config.max_worker_rss_bytes
-        for slot in self.slots:
-            if slot.proc is None or not slot.ready or slot.recycle_pid:
-                continue
-            if max_rss and slot.rss > max_rss:
-                self.recycle_queue.setdefault(slot.index, f"rss {slot.rss} > {max_rss} bytes")
-            settled = slot.latest.counters.get("delivered", 0) if slot.latest else 0
-            if slot.message_limit and settled >= slot.message_limit:
-                self.recycle_queue.setdefault(
-                    slot.index, f"{settled} messages >= limit {slot.message_limit}"
-                )
-
-    def advance_recycling(self) -> None:
-        """Start queued graceful restarts: a reload one worker at a time, limits at once.
-
-        A rolling reload waits until the previous worker's successor is ready, so
-        capacity drops by one worker at most; a worker over a limit is replaced as
-        soon as it is noticed (their jittered limits rarely coincide).
-        """
-        busy = False
-        for slot in self.slots:
-            if slot.recycle_pid:
-                if slot.proc is None or slot.pid == slot.recycle_pid or not slot.ready:
-                    busy = True  # still draining, or its successor is still booting
-                else:
-                    slot.recycle_pid = 0
-        for index, reason in list(self.recycle_queue.items()):
-            slot = self.slots[index]
-            rolling = reason == RELOAD
-            if self.stopping or slot.recycle_pid or (rolling and busy):
-                continue
-            del self.recycle_queue[index]
-            if slot.proc is None or not slot.ready:
-                continue  # dead or booting: its next process starts fresh anyway
-            slot.recycle_pid = slot.pid
-            slot.recycled += 1
-            send_control(self.conn, WorkerRecycled(worker=index, pid=slot.pid, reason=reason))
-            # SIGTERM is the worker's graceful stop: fetch nothing more, settle, exit 0.
-            _signal(slot.pid, signal.SIGTERM)
-            busy = busy or rolling
-
+    # -- stopping --------------------------------------------------------------------
     def stop_all(self, graceful: bool) -> None:
         self.stopping = True
         live = [s for s in self.slots if s.proc is not None]
         for slot in live:
-            _signal(slot.pid, signal.SIGTERM if graceful else signal.SIGKILL)
+            slot.signal(signal.SIGTERM if graceful else signal.SIGKILL)
         deadline = time.monotonic() + (self.config.shutdown_timeout_s + 2 if graceful else 5)
         for slot in live:
             slot.proc.join(max(0.0, deadline - time.monotonic()))
             if slot.proc.exitcode is None:
-                _signal(slot.pid, signal.SIGKILL)
+                slot.signal(signal.SIGKILL)
                 slot.proc.join(5)
             while slot.conn.poll():
                 if self.read(slot) is None:
                     break
-            self.retire_stats(slot)
+            slot.retire_stats()
             slot.proc = None
-
-
-def _jittered(limit: int) -> int:
-    """``limit`` plus up to 10% random jitter, so workers do not all restart at once."""
-    return limit + random.randint(0, limit // 10) if limit else 0
-
-
-def _signal(pid: int, sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, sig)
 
 
 def monitor_main(

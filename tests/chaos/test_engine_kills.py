@@ -19,8 +19,8 @@ import psutil
 import pytest
 
 from engine import Engine
-from engine.core.engine import MONITOR_RESTART_LIMIT
 from engine.core.sharding import stable_shard
+from engine.core.supervisor import MONITOR_RESTART_LIMIT
 from engine.worker.worker import window_for
 from ipc.shm import list_segments
 from tests.chaos import checker, recorder

@@ -96,7 +96,7 @@ def test_malformed_message_inside_a_frame_is_dead_lettered_not_fatal() -> None:
 
 
 def test_submit_many_reports_how_much_was_queued_before_a_bad_item() -> None:
-    from engine.core.engine import SUBMIT_CHUNK
+    from engine.core.api import SUBMIT_CHUNK
 
     async def go() -> dict[str, Any]:
         async with Engine(None, _config()) as eng:

@@ -1,0 +1,207 @@
+"""`MonitorSupervisor`: the engine's side of the monitor process.
+
+Apart from `Engine` because the monitor has a lifecycle of its own: it is
+started, watched on the engine's loop (its sentinel and its control pipe),
+restarted when it dies, once every worker of the old one is gone (one consumer
+per ring, always), and stopped, gracefully or fast.  The engine reads what it
+learns here: the latest `MonitorReport`, the restart count, the last error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+from typing import Any
+
+import psutil
+
+from engine.backoff import backoff_s
+from engine.config import Config
+from engine.errors import EngineClosed, EngineStartError
+from engine.procutil import context
+from ipc.control import (
+    Command,
+    MonitorReport,
+    WorkerFailed,
+    WorkerReady,
+    WorkerRecycled,
+    recv_control,
+    send_control,
+)
+from ipc.shard import SLOT_PID, ShardMemory
+
+MONITOR_RESTART_LIMIT = 5
+log = logging.getLogger("engine")
+
+
+class MonitorSupervisor:
+    """Starts, watches, restarts and stops the monitor process of one engine."""
+
+    def __init__(self, config: Config, handler: Any) -> None:
+        self.config = config
+        self.handler = handler
+        self.shards: list[ShardMemory] = []
+        self.proc: Any = None
+        self.conn: Any = None
+        self.restarts = 0
+        self.error = ""  # why the monitor is not running, "" while it is
+        self.report: MonitorReport | None = None
+        self.ready_workers: set[int] = set()
+        self.stopping = False
+        self._boot: asyncio.Future[None] | None = None
+        self._restart_task: asyncio.Task[None] | None = None
+
+    async def start(self, shards: list[ShardMemory]) -> None:
+        """Start the monitor on ``shards``; returns once every worker is ready."""
+        self.shards = shards
+        await self._start()
+
+    async def _start(self) -> None:
+        from engine.core.monitor import monitor_main
+
+        loop = asyncio.get_running_loop()
+        ctx = context(self.config.start_method)
+        here, there = ctx.Pipe(duplex=True)
+        self.ready_workers.clear()
+        self._boot = loop.create_future()
+        proc = ctx.Process(
+            target=monitor_main,
+            args=([s.spec for s in self.shards], self.config, self.handler, there, os.getpid()),
+            name="ringway-monitor",
+        )
+        proc.start()
+        there.close()
+        self.proc, self.conn = proc, here
+        loop.add_reader(here.fileno(), self._on_message)
+        loop.add_reader(proc.sentinel, self._on_exit)
+        await self._boot
+
+    def _on_message(self) -> bool:
+        """Handle one message from the monitor; False once the pipe is closed."""
+        try:
+            msg = recv_control(self.conn)
+        except (EOFError, OSError):
+            with contextlib.suppress(OSError, ValueError):
+                asyncio.get_running_loop().remove_reader(self.conn.fileno())
+            return False
+        boot = self._boot
+        if isinstance(msg, MonitorReport):
+            self.report = msg
+        elif isinstance(msg, WorkerReady):
+            self.ready_workers.add(msg.worker)
+            if boot is not None and not boot.done() and len(self.ready_workers) == len(self.shards):
+                boot.set_result(None)
+        elif isinstance(msg, WorkerFailed):
+            if boot is not None and not boot.done():
+                boot.set_exception(
+                    EngineStartError(f"worker {msg.worker} failed to start: {msg.error}")
+                )
+            else:
+                log.warning("worker %d (pid %d): %s", msg.worker, msg.pid, msg.error)
+        elif isinstance(msg, WorkerRecycled):
+            log.info("restarting worker %d (pid %d): %s", msg.worker, msg.pid, msg.reason)
+        return True
+
+    def reload(self) -> None:
+        """Ask the monitor for a rolling restart of the workers (see `Engine.reload`)."""
+        if self.conn is None:
+            raise EngineClosed("the monitor is not running")
+        send_control(self.conn, Command(op="reload"))
+
+    def _on_exit(self) -> None:
+        loop = asyncio.get_running_loop()
+        proc = self.proc
+        loop.remove_reader(proc.sentinel)
+        with contextlib.suppress(OSError, ValueError):
+            loop.remove_reader(self.conn.fileno())
+        proc.join(1)  # the sentinel fired: it has exited, reap it
+        with contextlib.suppress(OSError, EOFError):
+            # A WorkerFailed may still be in the pipe; at EOF poll() stays true, so stop there.
+            while self.conn.poll() and self._on_message():
+                pass
+        boot = self._boot
+        if boot is not None and not boot.done():
+            boot.set_exception(
+                EngineStartError(
+                    f"the monitor exited with code {proc.exitcode} before the workers were ready"
+                )
+            )
+            return
+        if self.stopping:
+            return
+        self.restarts += 1
+        if self.restarts > MONITOR_RESTART_LIMIT:
+            self.error = f"monitor died {self.restarts} times; not restarted"
+            log.error("%s", self.error)
+            return  # stats() reports it; the rings keep every message for a restart
+        self._restart_task = loop.create_task(self._restart())
+
+    async def _restart(self) -> None:
+        """Start a new monitor once every worker of the dead one is gone (one consumer per ring)."""
+        self.conn.close()
+        pids = [int(s.slot_idx[SLOT_PID]) for s in self.shards]
+        deadline = asyncio.get_running_loop().time() + 10
+        while any(_running(pid) for pid in pids):
+            if asyncio.get_running_loop().time() > deadline:
+                for pid in pids:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+            await asyncio.sleep(0.01)
+        try:
+            await self._start()
+        except Exception as exc:
+            # Never silently run without a monitor: record why, and try again later.
+            self.error = f"monitor restart {self.restarts} failed: {exc}"
+            log.exception("%s", self.error)
+            if self.stopping or self.restarts >= MONITOR_RESTART_LIMIT:
+                return
+            await asyncio.sleep(backoff_s(self.restarts, 0.2, 5.0, jitter="none"))
+            self.restarts += 1
+            await self._restart()
+        else:
+            self.error = ""
+
+    async def stop(self, fast: bool = False) -> None:
+        """Stop the monitor, and with it the workers, for good (no restart after this).
+
+        ``fast`` has the monitor kill the workers instead of letting them settle
+        what they hold.  The monitor's final report is kept in ``report``.
+        """
+        self.stopping = True
+        if self._restart_task is not None and not self._restart_task.done():
+            self._restart_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await self._restart_task
+        proc, conn = self.proc, self.conn
+        if proc is None:
+            return
+        loop = asyncio.get_running_loop()
+        for fd in (proc.sentinel, conn.fileno()):
+            with contextlib.suppress(OSError, ValueError):
+                loop.remove_reader(fd)
+        if proc.exitcode is None:
+            with contextlib.suppress(OSError):
+                send_control(conn, Command(op="stop", arg="fast" if fast else ""))
+            await loop.run_in_executor(None, proc.join, self.config.shutdown_timeout_s + 10)
+            if proc.exitcode is None:
+                proc.kill()
+                await loop.run_in_executor(None, proc.join, 10)
+        with contextlib.suppress(OSError, EOFError):
+            while conn.poll():
+                msg = recv_control(conn)
+                if isinstance(msg, MonitorReport):
+                    self.report = msg
+        conn.close()
+
+
+def _running(pid: int) -> bool:
+    """True while ``pid`` is a live (not zombie) process."""
+    if pid <= 0:
+        return False
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
