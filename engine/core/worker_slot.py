@@ -40,7 +40,6 @@ class WorkerSlot:
     pid: int = 0
     restarts: int = 0
     ready: bool = False
-    stopping: bool = False
     kill_sent_at: float = 0.0
     last_beat: int = -1
     last_beat_at: float = 0.0
