@@ -29,7 +29,8 @@ from engine.backoff import backoff_s
 from engine.config import Config
 from engine.exitcodes import ChildExit
 from engine.procutil import die_with_parent
-from engine.worker.worker import WORKER_COUNTERS, WorkerPlan, worker_main
+from engine.worker.main import worker_main
+from engine.worker.state import WORKER_COUNTERS, WorkerPlan
 from ipc.control import (
     Command,
     Histogram,
