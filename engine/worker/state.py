@@ -3,13 +3,15 @@
 ``WorkerState`` builds every attribute the worker's concerns share (rings,
 per-lane queues, counters, events), so each of them reads it as plain
 ``self.x`` with no indirection on the hot path.  The concerns are layered on
-top of it as classes, each using only the layers below:
+top of it as classes, each using only the layers below it, and combine into
+one object (one ``__init__``, here):
 
-    WorkerState <- Lanes <- Committing <- Settling <- Runners <- Fetching <- Worker
+    WorkerState <- Lanes, Committing <- Settling <- Runners <- Fetching <- Worker
+                   lanes  commit        settle      runners    fetch       main
 
-(``lanes``, ``commit``, ``settle``, ``runners``, ``fetch``, ``main``).  The
-plan, the counters and ``window_for`` live here, at the bottom, because both
-the monitor and the worker's own layers need them.
+The plan, the counters and ``window_for`` (which the monitor uses too) live
+here, at the bottom: the state is built from them, and ``main`` sits on top of
+every layer, so they could not live there without an import cycle.
 """
 
 from __future__ import annotations
