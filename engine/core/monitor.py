@@ -28,7 +28,8 @@ from engine.core.recycling import Recycler, jittered
 from engine.core.worker_slot import WorkerSlot
 from engine.exitcodes import ChildExit
 from engine.procutil import die_with_parent
-from engine.worker.worker import WORKER_COUNTERS, worker_main
+from engine.worker.main import worker_main
+from engine.worker.state import WORKER_COUNTERS
 from ipc.control import (
     Command,
     Histogram,

@@ -24,7 +24,7 @@ import psutil
 
 from engine.backoff import backoff_s
 from engine.exitcodes import ChildExit
-from engine.worker.worker import WORKER_COUNTERS, WorkerPlan
+from engine.worker.state import WORKER_COUNTERS, WorkerPlan
 from ipc.control import Histogram, StatsSnapshot
 from ipc.shard import LANES, SLOT_ACTIVE, SLOT_FRAME_END, SLOT_INDEX, SLOT_LANE, ShardMemory
 

@@ -1,7 +1,8 @@
-"""Per-message delivery state inside a worker: frames, recipient lanes, retry timing.
+"""Per-message delivery state inside a worker: frames, pending messages, recipient FIFOs.
 
-Kept apart from the process plumbing in ``engine.worker.worker`` so the rules (order
-per recipient, full-jitter backoff, TTL) read in one place.
+Plain records with ``__slots__``, apart from the worker's layers (``state``,
+``lanes``, ``settle``, ...) that all use them, so each of those can import them
+without importing the others.
 """
 
 from __future__ import annotations

@@ -21,7 +21,7 @@ import pytest
 from engine import Engine
 from engine.core.sharding import stable_shard
 from engine.core.supervisor import MONITOR_RESTART_LIMIT
-from engine.worker.worker import window_for
+from engine.worker.state import window_for
 from ipc.shm import list_segments
 from tests.chaos import checker, recorder
 from tests.chaos.harness import (

@@ -17,7 +17,7 @@ import pytest
 from engine import Config, Engine, RequestFailed, RequestTimeout
 from engine.core.sharding import stable_shard
 from engine.errors import ShmSpaceError
-from engine.worker.worker import window_for
+from engine.worker.state import window_for
 from ipc.shard import shard_bytes
 from ipc.shm import shm_free_bytes
 from tests.chaos import checker, recorder

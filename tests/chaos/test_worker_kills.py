@@ -19,7 +19,7 @@ import pytest
 
 from engine import Engine
 from engine.core.sharding import stable_shard
-from engine.worker.worker import window_for
+from engine.worker.state import window_for
 from tests.chaos import checker, recorder
 from tests.chaos.harness import (
     HANDLERS,

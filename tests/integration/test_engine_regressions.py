@@ -203,7 +203,7 @@ def test_a_frame_too_deep_to_split_is_dead_lettered_message_by_message() -> None
     """A batch the worker cannot even split into messages (nesting past every limit) used
     to kill the worker, which met it again after each respawn: now each of its messages
     (counted from the array header) is dead-lettered as malformed."""
-    from engine.worker.worker import _salvage
+    from engine.worker.fetch import _salvage
 
     frame = b"\x93" + b"\x91" * 100_000 + b"\xc0" + b"\xc0" + b"\xc0"
     good, bad = _salvage(frame)

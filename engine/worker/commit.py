@@ -1,0 +1,107 @@
+"""Reporting and committing: return records go out on the return ring, then frames commit.
+
+A frame is committed in its lane only after the ``FrameDone`` that covers it is
+published, so a crash can repeat a report but never lose one.  Apart from
+settling because this is the one place that rule, the return ring's framing
+(count and byte limits, shrinking a record too big for it) and back-pressure
+from a lagging dispatcher are handled.
+"""
+
+from __future__ import annotations
+
+import msgspec
+
+from engine.worker.delivery import FrameTrack
+from engine.worker.state import WorkerState
+from ipc.records import DeadLetter, FrameDone, Reply, ReturnRecord, encode_records
+from ipc.shard import LANES
+
+RECORDS_PER_FRAME = 512
+NIL = msgspec.Raw(b"\xc0")
+"""msgpack nil: the value of a failed reply, the payload of a shrunk dead letter."""
+
+
+class Committing(WorkerState):
+    """The flusher: publish return records, then commit the frames they cover."""
+
+    def _maybe_commit(self, track: FrameTrack) -> None:
+        frames = self.frames[track.lane]
+        if frames and frames[0] is track:
+            self.commit_dirty[track.lane] = True
+            self.flush_wanted.set()
+
+    async def flusher(self) -> None:
+        """Publish return records, then commit the frames they cover (never before)."""
+        while True:
+            await self.flush_wanted.wait()
+            self.flush_wanted.clear()
+            await self.flush()
+            if self.stopping and self.unsettled == 0 and not self.out:
+                return
+
+    async def flush(self) -> None:
+        """Serialised: two concurrent flushes could publish FrameDone out of order."""
+        async with self.flush_lock:
+            await self._flush()
+
+    async def _flush(self) -> None:
+        commits: list[tuple[int, int]] = []
+        for lane in range(LANES):
+            if not self.commit_dirty[lane]:
+                continue
+            self.commit_dirty[lane] = False
+            frames = self.frames[lane]
+            end = -1
+            while frames and frames[0].remaining == 0:
+                t = frames.popleft()
+                d, x, e = t.counts
+                self.out.append(FrameDone(lane, t.end, d, x, e))
+                end = t.end
+            if end >= 0:
+                commits.append((lane, end))
+        if self.out:
+            records, self.out = self.out, []
+            chunks = self._return_frames(records)
+            done = self.returns.offer(chunks)
+            if done < len(chunks):
+                self.returns_waiting = True
+                try:
+                    await self.returns.write_async(chunks[done:])
+                finally:
+                    self.returns_waiting = False
+                    self.wake.set()  # the reader may fetch again
+        for lane, end in commits:
+            self.consumers[lane].commit(end)
+
+    def _return_frames(self, records: list[ReturnRecord]) -> list[bytes]:
+        """Encode records into frames that fit the return ring (by count and by bytes)."""
+        limit = self.returns.ring.max_payload // 2
+        frames: list[bytes] = []
+        chunk: list[ReturnRecord] = []
+        size = 0
+        for original in records:
+            rec = original
+            one = len(encode_records([rec]))
+            if one > limit:
+                rec = _shrunk(rec, one, limit)
+                one = len(encode_records([rec]))
+            if chunk and (len(chunk) >= RECORDS_PER_FRAME or size + one > limit):
+                frames.append(encode_records(chunk))
+                chunk, size = [], 0
+            chunk.append(rec)
+            size += one
+        if chunk:
+            frames.append(encode_records(chunk))
+        return frames
+
+
+def _shrunk(rec: ReturnRecord, size: int, limit: int) -> ReturnRecord:
+    """A record too big for the return ring, without its bulk (and saying so)."""
+    note = f"(a {size:,}-byte record exceeds the return ring's {limit:,}-byte limit)"
+    if isinstance(rec, Reply):
+        return Reply(rec.correlation_id, False, NIL, f"reply too large {note}")
+    if isinstance(rec, DeadLetter):
+        msg = msgspec.structs.replace(rec.message, payload=NIL)
+        error = f"{rec.error} [payload dropped {note}]"
+        return DeadLetter(msg, rec.reason, rec.attempts, error, rec.at_ns, rec.lane, rec.frame_end)
+    return rec
