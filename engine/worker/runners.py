@@ -130,7 +130,7 @@ class Runners(Settling):
         task.add_done_callback(self.side_tasks.discard)
 
     def start_delivery(self, p: Pending) -> Any:
-        """Run the pre-checks and call the sink; returns an awaitable or a sentinel."""
+        """Pre-checks before a delivery: the start time (ns), or _SETTLED if it settled here."""
         msg = p.msg
         now = time.monotonic_ns()
         if msg.expires_ns and now >= msg.expires_ns:
