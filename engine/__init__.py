@@ -6,12 +6,14 @@ first use, so ``engine --help`` and config checks start fast.
 
 from typing import TYPE_CHECKING, Any
 
+from engine.batches import BatchRequest, BatchResult, BatchResults
 from engine.config import Config, ConfigError
 from engine.errors import (
     EngineClosed,
     EngineError,
     EngineStartError,
     QueueFull,
+    RateLimited,
     Reject,
     RequestFailed,
     RequestTimeout,
@@ -26,6 +28,9 @@ if TYPE_CHECKING:
 __version__ = "0.1.0"
 
 __all__ = [
+    "BatchRequest",
+    "BatchResult",
+    "BatchResults",
     "Config",
     "ConfigError",
     "Engine",
@@ -36,6 +41,7 @@ __all__ = [
     "Message",
     "Priority",
     "QueueFull",
+    "RateLimited",
     "Reject",
     "RequestFailed",
     "RequestTimeout",

@@ -132,6 +132,37 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
         Literal["DEBUG", "INFO", "WARNING", "ERROR"], Meta(description="Log level.")
     ] = "INFO"
     log_format: Annotated[Literal["text", "json"], Meta(description="Log line format.")] = "text"
+    # -- users, batch requests, response cache, idempotent submits, rate limits (issue 13) --
+    auth_tokens_file: Annotated[
+        str, Meta(description="File of USER TOKEN lines (one user per token); SIGHUP reloads.")
+    ] = ""
+    batch_concurrency: Annotated[
+        int, Meta(ge=1, le=10000, description="Requests of one batch running at once.")
+    ] = 20
+    batch_max_requests: Annotated[
+        int, Meta(ge=1, le=1000000, description="Most requests one batch may hold.")
+    ] = 10000
+    batch_retries: Annotated[
+        int, Meta(ge=0, le=100, description="Retries of a batch request that timed out.")
+    ] = 2
+    cache_size: Annotated[
+        int, Meta(ge=0, le=10**7, description="Cached responses kept (LRU); 0 = no cache.")
+    ] = 2000
+    cache_ttl_s: Annotated[
+        float, Meta(gt=0, le=86400, description="Lifetime of a cached response.")
+    ] = 120.0
+    dedup_window_s: Annotated[
+        float, Meta(ge=0, le=86400, description="How long a dedup_key is remembered; 0 = off.")
+    ] = 300.0
+    dedup_max: Annotated[
+        int, Meta(ge=1, le=10**7, description="dedup_keys remembered at most (oldest go first).")
+    ] = 100000
+    rate_limit: Annotated[
+        float, Meta(ge=0, le=10**9, description="Messages per second per user; 0 = no limit.")
+    ] = 0.0
+    rate_burst: Annotated[
+        int, Meta(ge=0, le=10**9, description="Burst above the rate; 0 = one second's worth.")
+    ] = 0
 
     def __post_init__(self) -> None:
         """Check values built directly in code too, so no path skips validation."""

@@ -13,6 +13,7 @@ __all__ = [
     "EngineStartError",
     "FrameTooLargeError",
     "QueueFull",
+    "RateLimited",
     "Reject",
     "RequestFailed",
     "RequestTimeout",
@@ -64,6 +65,15 @@ class ServiceError(EngineError):
         self.code = code
         self.reason = reason
         super().__init__(f"{code}: {reason}")
+
+
+class RateLimited(ServiceError):
+    """Raised when the service refused a frame over the user's ENGINE_RATE_LIMIT; nothing of
+    it was queued.  ``retry_after_s`` says when the same frame would be accepted."""
+
+    def __init__(self, code: str, reason: str, retry_after_s: float = 0.0) -> None:
+        self.retry_after_s = retry_after_s
+        super().__init__(code, reason)
 
 
 class AuthenticationError(ServiceError):

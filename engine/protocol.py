@@ -4,8 +4,8 @@ A frame is a 4-byte big-endian length followed by that many bytes of msgpack,
 one of the tagged, array-like structs below.  The client sends ``Hello``
 first (with the token when the service requires one), then any number of
 requests without waiting for answers (pipelining); the service answers each
-request frame with exactly one ``Ack``, ``Response`` or ``Error`` carrying the
-request's ``seq``, in the order the requests arrived.
+request frame with exactly one ``Ack``, ``Response``, ``BatchAnswer`` or
+``Error`` carrying the request's ``seq``, in the order the requests arrived.
 
 Payloads travel as raw msgpack (``msgspec.Raw``): the service passes them to
 the rings without decoding and re-encoding them.  The length is checked
@@ -20,6 +20,7 @@ from typing import Final
 import msgspec
 
 PROTOCOL_VERSION: Final = 1
+NIL: Final = msgspec.Raw(b"\xc0")  # msgpack nil: an ItemAnswer's value when it has none
 HEADER: Final = struct.Struct(">I")
 HEADER_BYTES: Final = HEADER.size
 
@@ -33,6 +34,7 @@ ERR_HANDLER: Final = "handler_error"  # the handler rejected the request / it wa
 ERR_CLOSED: Final = "closed"  # the service is shutting down
 ERR_BUSY: Final = "busy"  # too many connections
 ERR_INTERNAL: Final = "internal"  # a bug on the server side; the reason says what
+ERR_RATE_LIMITED: Final = "rate_limited"  # over ENGINE_RATE_LIMIT; Error.retry_after_s says when
 
 
 class SendOptions(msgspec.Struct, array_like=True, omit_defaults=True, frozen=True):
@@ -71,6 +73,8 @@ class Submit(msgspec.Struct, array_like=True, tag=1):
     items: list[tuple[str, msgspec.Raw]]
     options: SendOptions = DEFAULT_OPTIONS
     settled: bool = False
+    keys: list[str] = []
+    """One dedup_key per item (an idempotent client's), or none: see ENGINE_DEDUP_WINDOW_S."""
 
 
 class Request(msgspec.Struct, array_like=True, tag=2):
@@ -81,6 +85,9 @@ class Request(msgspec.Struct, array_like=True, tag=2):
     payload: msgspec.Raw
     timeout_s: float = 30.0
     options: SendOptions = DEFAULT_OPTIONS
+    cache: bool = False
+    """A read that may be shared: see ``BatchItem.cache``."""
+    cache_ttl_s: float | None = None
 
 
 class Publish(msgspec.Struct, array_like=True, tag=3):
@@ -117,6 +124,29 @@ class Broadcast(msgspec.Struct, array_like=True, tag=6):
     options: SendOptions = DEFAULT_OPTIONS
 
 
+class BatchItem(msgspec.Struct, array_like=True):
+    """One request of a ``Batch`` (the fields of ``engine.core.batch.BatchRequest``)."""
+
+    recipient: str
+    payload: msgspec.Raw
+    priority: str | int = "normal"
+    timeout_s: float = 30.0
+    cache: bool = False
+    """Identical cacheable requests of one user run once; the answer is cached."""
+    cache_ttl_s: float | None = None
+
+
+class Batch(msgspec.Struct, array_like=True, tag=7):
+    """Run ``items`` as requests at once (``request_many``); answered by one ``BatchAnswer``.
+
+    ``concurrency`` 0 means the service's ENGINE_BATCH_CONCURRENCY.
+    """
+
+    seq: int
+    items: list[BatchItem]
+    concurrency: int = 0
+
+
 # -- service -> client ----------------------------------------------------------------
 class Welcome(msgspec.Struct, array_like=True, tag=100):
     """Answer to Hello: the service accepted the connection."""
@@ -146,10 +176,44 @@ class Error(msgspec.Struct, array_like=True, tag=103):
     seq: int
     code: str
     reason: str
+    retry_after_s: float = 0.0
+    """With code ``rate_limited``: when the frame would be accepted."""
 
 
-ClientFrame = Hello | Submit | Request | Publish | Subscribe | Register | Broadcast
-ServerFrame = Welcome | Ack | Response | Error
+class ItemAnswer(msgspec.Struct, array_like=True):
+    """The answer to one request of a Batch: a value (``ok``) or an error code and reason."""
+
+    ok: bool
+    value: msgspec.Raw = NIL
+    code: str = ""
+    reason: str = ""
+    cached: bool = False
+    deduplicated: bool = False
+    duration_s: float = 0.0
+    attempts: int = 0
+
+
+class BatchFigures(msgspec.Struct, array_like=True):
+    """The figures of one batch (``engine.core.batch.BatchStats``)."""
+
+    total_duration_s: float
+    average_duration_s: float
+    cache_hit_rate: float
+    deduplication_rate: float
+    requests: int
+    executed: int
+
+
+class BatchAnswer(msgspec.Struct, array_like=True, tag=104):
+    """The answer to Batch ``seq``: one ItemAnswer per request, in request order."""
+
+    seq: int
+    responses: list[ItemAnswer]
+    stats: BatchFigures
+
+
+ClientFrame = Hello | Submit | Request | Publish | Subscribe | Register | Broadcast | Batch
+ServerFrame = Welcome | Ack | Response | Error | BatchAnswer
 
 _encoder = msgspec.msgpack.Encoder()
 client_decoder: Final = msgspec.msgpack.Decoder(ClientFrame)

@@ -177,6 +177,9 @@ class Message(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     tags: tuple[str, ...] = ()
     metadata: dict[str, str] = msgspec.field(default_factory=dict)
     dedup_key: str = ""
+    user: str = ""
+    """Who sent it: set by the service from the authenticated token (never the client's
+    claim), or by embedding code with ``user=``; empty otherwise."""
 
     @overload
     def body(self) -> Any: ...

@@ -109,6 +109,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_service_commands(sub)
 
+    from engine.cli.batch import add_batch_commands
+
+    add_batch_commands(sub)
+
     stress = sub.add_parser(
         "stress",
         add_help=False,

@@ -28,11 +28,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Iterable
+import secrets
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final
 
 import msgspec
 
+from engine.batches import (
+    BatchRequest,
+    BatchResult,
+    BatchResults,
+    BatchStats,
+    ItemError,
+    as_request,
+    check_concurrency,
+    check_request,
+    check_ttl,
+)
 from engine.client.connection import DEFAULT_URL, Connection, parse_url
 from engine.client.options import (
     DEFAULT_SPEC,
@@ -41,9 +53,19 @@ from engine.client.options import (
     encode_payload,
     partly_sent,
 )
-from engine.client.pipeline import K_IDS, K_NONE, K_REQUEST, Pipeline
+from engine.client.pipeline import K_BATCH, K_IDS, K_NONE, K_REQUEST, Pipeline
 from engine.errors import EngineClosed, EngineError, RequestTimeout, ServiceError
-from engine.protocol import Broadcast, Publish, Register, Request, Subscribe
+from engine.protocol import (
+    ERR_TOO_LARGE,
+    Batch,
+    BatchAnswer,
+    BatchItem,
+    Broadcast,
+    Publish,
+    Register,
+    Request,
+    Subscribe,
+)
 
 __all__ = ["AsyncClient"]
 
@@ -61,6 +83,10 @@ class AsyncClient(Pipeline):
     submits to be answered only once the messages were delivered (or
     dead-lettered or expired).  See the module docstring for the delivery
     guarantee (at least once: a re-sent message may be delivered twice).
+    ``idempotent=True`` gives every submitted message a ``dedup_key`` of its own,
+    so a frame re-sent after a reconnect is acked with the first ids and not
+    queued twice (within the service's ENGINE_DEDUP_WINDOW_S).  ``request_many``
+    runs a batch of requests on the service (one frame, one answer).
     """
 
     def __init__(
@@ -75,8 +101,11 @@ class AsyncClient(Pipeline):
         reconnect_max_s: float = 2.0,
         reconnect_attempts: int = 10,
         connect_timeout_s: float = 10.0,
+        idempotent: bool = False,
     ) -> None:
         address = parse_url(url)
+        if type(idempotent) is not bool:
+            raise TypeError(f"idempotent must be True or False, got {idempotent!r}")
         if token is not None and not isinstance(token, str):
             raise TypeError(f"token must be a string, got {type(token).__name__}")
         for name, value in (
@@ -93,6 +122,8 @@ class AsyncClient(Pipeline):
                 f"{reconnect_backoff_s!r} and {reconnect_max_s!r}"
             )
         super().__init__(url, batch_size, max_inflight_frames, max_inflight_bytes)
+        if idempotent:  # unique per client: keys of two clients never meet
+            self._key_prefix = secrets.token_hex(8) + ":"
         self._specs = Specs()
         self._connection = Connection(
             self,
@@ -234,22 +265,35 @@ class AsyncClient(Pipeline):
         return ids
 
     async def request(
-        self, recipient: str, payload: Any = None, *, timeout: float = 30.0, **options: Any
+        self,
+        recipient: str,
+        payload: Any = None,
+        *,
+        timeout: float = 30.0,
+        cache: bool = False,
+        cache_ttl_s: float | None = None,
+        **options: Any,
     ) -> Any:
         """Deliver one message and return the handler's return value, decoded.
 
         RequestTimeout when no reply came within ``timeout``; RequestFailed when the
         handler rejected it; ConnectionLost when the connection dropped meanwhile.
+        ``cache=True``: a read the service may share between identical requests of
+        this user and answer from its cache (``cache_ttl_s``, ENGINE_CACHE_TTL_S).
         """
         self._start()
         if type(timeout) not in (int, float) or not timeout > 0:
             raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+        if type(cache) is not bool:
+            raise TypeError(f"cache must be True or False, got {cache!r}")
+        ttl = check_ttl(cache_ttl_s)
         spec = self._specs.get(options, False) if options else DEFAULT_SPEC
         if type(recipient) is not str or not recipient:
             raise bad_recipient(recipient)
         raw = encode_payload(payload)
         fut = self._seal_one(
-            K_REQUEST, lambda seq: Request(seq, recipient, raw, float(timeout), spec.options)
+            K_REQUEST,
+            lambda seq: Request(seq, recipient, raw, float(timeout), spec.options, cache, ttl),
         )
         try:
             value = await asyncio.wait_for(fut, timeout + REQUEST_GRACE_S)
@@ -261,6 +305,50 @@ class AsyncClient(Pipeline):
                 f"within {timeout}s (+{REQUEST_GRACE_S}s grace)"
             ) from None
         return msgspec.msgpack.decode(value)
+
+    async def request_many(
+        self,
+        requests: Sequence[BatchRequest | Mapping[str, Any]],
+        *,
+        concurrency: int | None = None,
+    ) -> BatchResults:
+        """Run many requests on the service at once; one `BatchResult` each, in order.
+
+        Each request is a `BatchRequest` or a mapping of its fields (recipient,
+        payload, priority, timeout_s, cache, cache_ttl_s).  One request's failure
+        is its result's ``error``, never an exception; a bad batch raises here or
+        comes back as ServiceError ``bad_request`` with nothing queued.  The
+        service runs at most ``concurrency`` (ENGINE_BATCH_CONCURRENCY) at a time.
+        ConnectionLost if the connection dropped before the answer (not re-sent).
+        """
+        self._start()
+        if isinstance(requests, str | bytes | Mapping) or not isinstance(requests, Sequence):
+            raise TypeError(f"requests must be a list of requests, got {type(requests).__name__}")
+        limit = 0 if concurrency is None else check_concurrency(concurrency, 0)
+        items: list[BatchItem] = []
+        for i, req in enumerate(requests):
+            try:
+                r = as_request(req)
+                priority, timeout, ttl = check_request(r)
+                raw = encode_payload(r.payload)
+            except (ValueError, TypeError, EngineError) as exc:
+                raise type(exc)(f"request {i} of the batch: {exc} (nothing was sent)") from exc
+            items.append(BatchItem(r.recipient, raw, int(priority), timeout, r.cache, ttl))
+        frame = Batch(0, items, limit)
+        size = sum(len(it.payload) + 4 * len(it.recipient) + 32 for it in items)
+        if size > self.max_frame_bytes:
+            raise ServiceError(
+                ERR_TOO_LARGE,
+                f"a batch of about {size:,} bytes cannot fit the service's "
+                f"{self.max_frame_bytes:,}-byte frames: send fewer requests at a time",
+            )
+
+        def build(seq: int) -> Batch:
+            frame.seq = seq
+            return frame
+
+        answer: BatchAnswer = await self._seal_one(K_BATCH, build)
+        return batch_results(answer)
 
     async def publish(self, topic: str, payload: Any = None, **options: Any) -> list[int]:
         """One message to every subscriber of ``topic``; returns the ids queued."""
@@ -312,3 +400,29 @@ class AsyncClient(Pipeline):
         if failed:
             self._errors = [(s, e) for s, e in self._errors if s > target]
             raise failed[0]
+
+
+def batch_results(answer: BatchAnswer) -> BatchResults:
+    """A BatchAnswer frame as the API's `BatchResults` (values decoded)."""
+    results = [
+        BatchResult(
+            ok=a.ok,
+            value=msgspec.msgpack.decode(a.value) if a.ok else None,
+            error=None if a.ok else ItemError(a.code, a.reason),
+            cached=a.cached,
+            deduplicated=a.deduplicated,
+            duration_s=a.duration_s,
+            attempts=a.attempts,
+        )
+        for a in answer.responses
+    ]
+    f = answer.stats
+    stats = BatchStats(
+        total_duration_s=f.total_duration_s,
+        average_duration_s=f.average_duration_s,
+        cache_hit_rate=f.cache_hit_rate,
+        deduplication_rate=f.deduplication_rate,
+        requests=f.requests,
+        executed=f.executed,
+    )
+    return BatchResults(results, stats)

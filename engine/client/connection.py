@@ -20,7 +20,7 @@ from urllib.parse import urlsplit
 import msgspec
 
 from engine.backoff import backoff_s
-from engine.client.pipeline import K_REQUEST, Pipeline, error_from_code
+from engine.client.pipeline import ANSWERED_ONCE, Pipeline, error_from_code
 from engine.errors import ConnectionLost, ServiceError
 from engine.protocol import (
     ERR_AUTH,
@@ -29,6 +29,7 @@ from engine.protocol import (
     HEADER_BYTES,
     PROTOCOL_VERSION,
     Ack,
+    BatchAnswer,
     Error,
     Hello,
     Response,
@@ -72,7 +73,7 @@ class _Drop(Exception):
         self.fatal = fatal
 
 
-def _welcome(answer: Welcome | Ack | Response | Error) -> Welcome:
+def _welcome(answer: Welcome | Ack | Response | Error | BatchAnswer) -> Welcome:
     """The handshake's answer, or _Drop: fatal unless the service is busy or restarting."""
     if type(answer) is Error:
         exc = error_from_code(answer.code, answer.reason)
@@ -232,7 +233,9 @@ class Connection:
         return reader, writer
 
     @staticmethod
-    async def _read_answer(reader: asyncio.StreamReader) -> Welcome | Ack | Response | Error:
+    async def _read_answer(
+        reader: asyncio.StreamReader,
+    ) -> Welcome | Ack | Response | Error | BatchAnswer:
         try:
             n = frame_length(await reader.readexactly(HEADER_BYTES))
             if n > MAX_ANSWER_BYTES:
@@ -241,7 +244,7 @@ class Connection:
         except asyncio.IncompleteReadError as exc:
             raise EOFError("the service closed the connection") from exc
         try:
-            answer: Welcome | Ack | Response | Error = server_decoder.decode(body)
+            answer: Welcome | Ack | Response | Error | BatchAnswer = server_decoder.decode(body)
         except msgspec.DecodeError as exc:
             raise _Drop(ServiceError("bad_frame", f"undecodable answer: {exc}")) from exc
         return answer
@@ -287,7 +290,7 @@ class Connection:
             if (
                 type(answer) is Error
                 and answer.code in _RETRIABLE_CODES
-                and frame.kind != K_REQUEST
+                and frame.kind not in ANSWERED_ONCE
             ):
                 # The service is going away and did not take this frame: re-send it
                 # (and everything after it) on the next connection.

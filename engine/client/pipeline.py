@@ -26,6 +26,7 @@ from engine.errors import (
     ConnectionLost,
     EngineClosed,
     EngineError,
+    RateLimited,
     RequestFailed,
     RequestTimeout,
     ServiceError,
@@ -34,9 +35,11 @@ from engine.protocol import (
     ERR_AUTH,
     ERR_CLOSED,
     ERR_HANDLER,
+    ERR_RATE_LIMITED,
     ERR_TIMEOUT,
     ERR_TOO_LARGE,
     Ack,
+    BatchAnswer,
     ClientFrame,
     Error,
     Response,
@@ -45,6 +48,8 @@ from engine.protocol import (
 )
 
 __all__ = [
+    "ANSWERED_ONCE",
+    "K_BATCH",
     "K_IDS",
     "K_ITEMS",
     "K_NONE",
@@ -60,15 +65,19 @@ ITEM_OVERHEAD: Final = 12  # per (recipient, payload) pair: array and str header
 MAX_KEPT_ERRORS: Final = 1000  # errors of fire-and-forget frames kept for flush()
 
 # What a frame's answer resolves: per-message futures, one future with all ids,
-# one future with None, or one future with the Response value.
-K_ITEMS, K_IDS, K_NONE, K_REQUEST = 0, 1, 2, 3
+# one future with None, one future with the Response value, or with the BatchAnswer.
+K_ITEMS, K_IDS, K_NONE, K_REQUEST, K_BATCH = 0, 1, 2, 3, 4
+# Frames never re-sent after a drop (a request may have been delivered): they fail instead.
+ANSWERED_ONCE = frozenset((K_REQUEST, K_BATCH))
 
 _INVALID_STATE = (asyncio.InvalidStateError, cf.InvalidStateError)
 Waiter = asyncio.Future[Any] | cf.Future[Any]
 
 
-def error_from_code(code: str, reason: str) -> EngineError:
+def error_from_code(code: str, reason: str, retry_after_s: float = 0.0) -> EngineError:
     """The typed exception for a service ``Error``; the message keeps the service's reason."""
+    if code == ERR_RATE_LIMITED:
+        return RateLimited(code, reason, retry_after_s)
     if code == ERR_AUTH:
         return AuthenticationError(code, reason)
     if code == ERR_TIMEOUT:
@@ -124,6 +133,8 @@ class Pipeline:
         self._work: asyncio.Event | None = None  # set when there is something to write
         self._fatal: BaseException | None = None  # the service refused us for good
         self._closing = False
+        self._key_prefix = ""  # set: every submitted message gets a dedup_key (idempotent)
+        self._key_count = 0
 
     # -- building frames ---------------------------------------------------------
     def _chunks(
@@ -195,7 +206,14 @@ class Pipeline:
     def _seal(self, frame: Frame) -> None:
         """Give the frame its seq and bytes and queue it for the writer."""
         self._last = frame.seq = seq = self._last + 1
-        frame.data = encode_frame(Submit(seq, frame.items, frame.spec.options, frame.spec.settled))
+        keys: list[str] = []
+        if self._key_prefix and not frame.spec.options.dedup_key:
+            # Made once, here: a re-sent frame carries the same keys, so the service
+            # acks what it already queued with the first ids instead of queueing it again.
+            first, self._key_count = self._key_count, self._key_count + len(frame.items)
+            keys = [f"{self._key_prefix}{n:x}" for n in range(first, self._key_count)]
+        options, settled = frame.spec.options, frame.spec.settled
+        frame.data = encode_frame(Submit(seq, frame.items, options, settled, keys))
         frame.items = []
         self._queue(frame)
 
@@ -281,10 +299,10 @@ class Pipeline:
                     fut.set_result(None)
 
     # -- answers -----------------------------------------------------------------
-    def _resolve(self, frame: Frame, answer: Ack | Response | Error) -> None:
+    def _resolve(self, frame: Frame, answer: Ack | Response | Error | BatchAnswer) -> None:
         self._pending_bytes -= len(frame.data)
         if type(answer) is Error:
-            self._fail(frame, error_from_code(answer.code, answer.reason))
+            self._fail(frame, error_from_code(answer.code, answer.reason, answer.retry_after_s))
             return
         kind = frame.kind
         if kind == K_ITEMS and type(answer) is Ack and len(answer.ids) == len(frame.futs):
@@ -301,6 +319,9 @@ class Pipeline:
                 return
             if kind == K_REQUEST and type(answer) is Response:
                 fut.set_result(answer.value)
+                return
+            if kind == K_BATCH and type(answer) is BatchAnswer:
+                fut.set_result(answer)
                 return
         elif fut is not None:
             return  # the caller stopped waiting (cancelled or timed out)
@@ -358,7 +379,7 @@ class Pipeline:
         in the queue, in seq order, to be re-sent on the next connection."""
         resend: list[Frame] = []
         for frame in self._inflight.values():
-            if frame.kind == K_REQUEST:
+            if frame.kind in ANSWERED_ONCE:
                 self._pending_bytes -= len(frame.data)
                 self._fail(
                     frame,

@@ -12,12 +12,13 @@ import logging
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from concurrent.futures._base import FINISHED, RUNNING
 from typing import Any, TypeVar, cast
 
 import msgspec
 
+from engine.batches import BatchRequest, BatchResults
 from engine.client.aio import AsyncClient
 from engine.client.connection import DEFAULT_URL
 from engine.client.options import (
@@ -298,6 +299,15 @@ class Client:
         self, recipient: str, payload: Any = None, *, timeout: float = 30.0, **options: Any
     ) -> Any:
         return self._call(self._ac.request(recipient, payload, timeout=timeout, **options))
+
+    def request_many(
+        self,
+        requests: Sequence[BatchRequest | Mapping[str, Any]],
+        *,
+        concurrency: int | None = None,
+    ) -> BatchResults:
+        """Run many requests on the service at once (see `AsyncClient.request_many`)."""
+        return self._call(self._ac.request_many(requests, concurrency=concurrency))
 
     def publish(self, topic: str, payload: Any = None, **options: Any) -> list[int]:
         return self._call(self._ac.publish(topic, payload, **options))

@@ -12,17 +12,29 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgspec
 
+from engine.batches import (
+    BatchRequest,
+    BatchResults,
+    BatchStats,
+    check_concurrency,
+    check_ttl,
+)
+from engine.core.batch import BatchRun, Outcome, prepare
+from engine.core.cache import ResponseCache, cache_key, shared
 from engine.core.stats import build_stats
 from engine.errors import EngineClosed, EngineError, RequestTimeout
-from ipc.codec import Kind
+from ipc.codec import Kind, pack_payload
 from ipc.records import DeadLetter
 
 if TYPE_CHECKING:
+    from engine.config import Config
+    from engine.core.builder import Options, Outgoing
+    from engine.core.dedup import DedupWindow
     from engine.core.dispatcher import Dispatcher
     from engine.core.supervisor import MonitorSupervisor
 
@@ -34,6 +46,9 @@ class EngineAPI:
 
     dispatcher: Dispatcher | None
     supervisor: MonitorSupervisor
+    config: Config
+    cache: ResponseCache  # cacheable requests' answers (engine.core.cache)
+    dedup: DedupWindow | None  # dedup_keys seen (engine.core.dedup); None when the window is 0
 
     def _dispatcher(self) -> Dispatcher:
         if self.dispatcher is None or self.dispatcher.closed:
@@ -41,7 +56,13 @@ class EngineAPI:
         return self.dispatcher
 
     async def submit(self, recipient: str, payload: Any = None, **options: Any) -> int:
-        """Queue one message; waits while its lane is full.  Returns the message id."""
+        """Queue one message; waits while its lane is full.  Returns the message id.
+
+        A ``dedup_key`` already accepted (for the same ``user``) within
+        ENGINE_DEDUP_WINDOW_S returns the first message's id and queues nothing.
+        """
+        if options.get("dedup_key") and self.dedup is not None:
+            return (await self.submit_many([(recipient, payload)], **options))[0]
         d = self._dispatcher()
         out = d.build(recipient, payload, **options)
         await d.enqueue(out)
@@ -50,6 +71,18 @@ class EngineAPI:
     def submit_nowait(self, recipient: str, payload: Any = None, **options: Any) -> int:
         """Queue one message or raise QueueFull at once (nothing is queued then)."""
         d = self._dispatcher()
+        key = options.get("dedup_key")
+        if key and self.dedup is not None:
+            user = options.get("user", "")
+            known = self.dedup.get((user, key))
+            if known is not None:
+                self.dedup.suppressed += 1
+                return known.id
+            out = d.build(recipient, payload, **options)
+            d.enqueue_nowait(out)
+            entry = self.dedup.reserve(user, key, out[0], recipient, out[2])
+            self.dedup.settle(user, [key], [entry], True)
+            return out[0]
         out = d.build(recipient, payload, **options)
         d.enqueue_nowait(out)
         return out[0]
@@ -60,6 +93,7 @@ class EngineAPI:
         *,
         settled: bool = False,
         raw_checked: bool = False,
+        dedup_keys: Sequence[str] | None = None,
         **options: Any,
     ) -> list[int]:
         """Queue many (recipient, payload) pairs with the same options; returns their ids.
@@ -69,9 +103,12 @@ class EngineAPI:
         is for the ingress: its ``msgspec.Raw`` payloads come out of a msgspec
         decode, which checked their structure; what it does not check (UTF-8 of
         strings inside) fails at ``msg.body()`` for that message alone.
+        ``dedup_keys`` gives each item its own key (else ``dedup_key`` is every
+        item's): an item whose key was accepted within the window gets the first
+        message's id and is not queued again.
         """
         ids, marks = await self.submit_marked(
-            items, settled=settled, raw_checked=raw_checked, **options
+            items, settled=settled, raw_checked=raw_checked, dedup_keys=dedup_keys, **options
         )
         if marks:
             await self._dispatcher().wait_settled(marks)
@@ -83,6 +120,7 @@ class EngineAPI:
         *,
         settled: bool = True,
         raw_checked: bool = False,
+        dedup_keys: Sequence[str] | None = None,
         **options: Any,
     ) -> tuple[list[int], list[tuple[int, int, int]]]:
         """Queue like ``submit_many``; returns the ids and, with ``settled``, the ring marks.
@@ -92,22 +130,109 @@ class EngineAPI:
         """
         d = self._dispatcher()
         opts = d.options(**options) if options else d.default_options
+        return await self._queue(items, opts, settled, raw_checked, dedup_keys, dedup=True)
+
+    async def _queue(
+        self,
+        items: Iterable[tuple[str, Any]],
+        opts: Options,
+        settled: bool,
+        raw_checked: bool,
+        dedup_keys: Sequence[str] | None,
+        *,
+        dedup: bool,
+    ) -> tuple[list[int], list[tuple[int, int, int]]]:
+        d = self._dispatcher()
+        window = self.dedup if dedup else None
+        if dedup_keys is not None and window is not None:
+            if not isinstance(dedup_keys, Sequence) or not all(type(k) is str for k in dedup_keys):
+                raise ValueError(f"dedup_keys must be a list of strings, got {dedup_keys!r}")
+            items = list(items)
+            if len(dedup_keys) != len(items):
+                raise ValueError(
+                    f"dedup_keys has {len(dedup_keys)} keys for {len(items)} items: "
+                    "give one per item"
+                )
+        if window is None or not (opts.dedup_key or dedup_keys):
+            window = None
         ids: list[int] = []
         marks: list[tuple[int, int, int]] = []
         it = iter(items)
         # Chunks keep the workers busy while later items are still being encoded.
         while chunk := list(itertools.islice(it, SUBMIT_CHUNK)):
-            try:
-                outs = d.build_many(chunk, opts, raw_checked=raw_checked)
-            except (ValueError, EngineError) as exc:
-                raise type(exc)(
-                    f"{exc} (item {len(ids)} or later; the {len(ids)} items before "
-                    f"this chunk of {len(chunk)} were queued, none after)"
-                ) from exc
+            if window is not None:
+                keys = (
+                    list(dedup_keys[len(ids) : len(ids) + len(chunk)])
+                    if dedup_keys
+                    else [opts.dedup_key] * len(chunk)
+                )
+                chunk_ids, chunk_marks = await self._queue_unique(
+                    window, chunk, keys, opts, settled, raw_checked, len(ids)
+                )
+                ids += chunk_ids
+                marks += chunk_marks
+                continue
+            outs = self._build(chunk, opts, raw_checked, len(ids))
             await d.enqueue_many(outs)
             ids.extend(m[0] for m in outs)
             if settled:
                 marks += await d.settle_marks(outs)
+        return ids, marks
+
+    def _build(
+        self, chunk: list[tuple[str, Any]], opts: Options, raw_checked: bool, done: int
+    ) -> list[Outgoing]:
+        try:
+            return self._dispatcher().build_many(chunk, opts, raw_checked=raw_checked)
+        except (ValueError, EngineError) as exc:
+            raise type(exc)(
+                f"{exc} (item {done} or later; the {done} items before "
+                f"this chunk of {len(chunk)} were queued, none after)"
+            ) from exc
+
+    async def _queue_unique(
+        self,
+        window: DedupWindow,
+        chunk: list[tuple[str, Any]],
+        keys: list[str],
+        opts: Options,
+        settled: bool,
+        raw_checked: bool,
+        done: int,
+    ) -> tuple[list[int], list[tuple[int, int, int]]]:
+        """Queue the items of a chunk whose key is new; the others get the first copy's id."""
+        d = self._dispatcher()
+        user = opts.user
+        fresh, dups = window.split(user, keys)
+        outs = self._build([chunk[i] for i in fresh] if dups else chunk, opts, raw_checked, done)
+        reserved = [(keys[i], out) for i, out in zip(fresh, outs, strict=True) if keys[i]]
+        entries = [window.reserve(user, k, out[0], out[1], out[2]) for k, out in reserved]
+        try:
+            await d.enqueue_many(outs)
+        except BaseException:
+            window.settle(user, [k for k, _ in reserved], entries, False)
+            raise
+        window.settle(user, [k for k, _ in reserved], entries, True)
+        ids = [0] * len(chunk)
+        for i, out in zip(fresh, outs, strict=True):
+            ids[i] = out[0]
+        repeated: list[Outgoing] = []  # where the first copies went, for settled marks
+        marks: list[tuple[int, int, int]] = []
+        for i, first in sorted(dups.items()):
+            if isinstance(first, int):
+                ids[i] = ids[first]
+            elif await first.wait():
+                ids[i] = first.id
+                repeated.append((first.id, first.recipient, first.lane, b""))
+            else:  # queueing the first copy failed: this one is the first now
+                window.suppressed -= 1
+                more, more_marks = await self._queue_unique(
+                    window, [chunk[i]], [keys[i]], opts, settled, raw_checked, done + i
+                )
+                ids[i] = more[0]
+                marks += more_marks
+        if settled:
+            marks += await d.settle_marks(outs + repeated)
         return ids, marks
 
     async def wait_settled(self, marks: list[tuple[int, int, int]]) -> None:
@@ -115,9 +240,57 @@ class EngineAPI:
         await self._dispatcher().wait_settled(marks)
 
     async def request(
-        self, recipient: str, payload: Any = None, *, timeout: float = 30.0, **options: Any
+        self,
+        recipient: str,
+        payload: Any = None,
+        *,
+        timeout: float = 30.0,
+        cache: bool = False,
+        cache_ttl_s: float | None = None,
+        **options: Any,
     ) -> Any:
-        """Deliver a request and return the handler's return value; RequestTimeout on expiry."""
+        """Deliver a request and return the handler's return value; RequestTimeout on expiry.
+
+        ``cache=True`` marks a read that may be shared: an identical request (same
+        ``user``, recipient and payload bytes) running now is joined instead of
+        sent again, and the answer is kept for ``cache_ttl_s`` (ENGINE_CACHE_TTL_S).
+        A joined request shares the first one's outcome, its timeout included.
+        """
+        raw = await self.request_raw(
+            recipient, payload, timeout=timeout, cache=cache, cache_ttl_s=cache_ttl_s, **options
+        )
+        return msgspec.msgpack.decode(raw)
+
+    async def request_raw(
+        self,
+        recipient: str,
+        payload: Any = None,
+        *,
+        timeout: float = 30.0,
+        cache: bool = False,
+        cache_ttl_s: float | None = None,
+        **options: Any,
+    ) -> msgspec.Raw:
+        """``request`` with the reply left as raw msgpack (the service sends it on as is)."""
+        if type(cache) is not bool:
+            raise ValueError(f"cache must be true or false, got {cache!r}")
+        ttl = check_ttl(cache_ttl_s)
+        if not cache:
+            return await self._send_request(recipient, payload, timeout=timeout, **options)
+        raw = payload if type(payload) is msgspec.Raw else pack_payload(payload)
+        key = cache_key(options.get("user", ""), recipient, raw)
+        value, _ = await shared(
+            self.cache,
+            key,
+            ttl,
+            lambda: self._send_request(recipient, raw, timeout=timeout, **options),
+        )
+        return value
+
+    async def _send_request(
+        self, recipient: str, payload: Any = None, *, timeout: float = 30.0, **options: Any
+    ) -> msgspec.Raw:
+        """One request to the handler, no cache: the raw reply, or RequestTimeout."""
         if not timeout > 0:
             raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
         for name in ("kind", "correlation_id"):
@@ -127,10 +300,10 @@ class EngineAPI:
         cid = next(d.ids)
         options.setdefault("ttl", timeout)
         out = d.build(recipient, payload, kind=Kind.REQUEST, correlation_id=cid, **options)
-        fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        fut: asyncio.Future[msgspec.Raw] = asyncio.get_running_loop().create_future()
         d.futures[cid] = fut
 
-        async def send_and_wait() -> Any:
+        async def send_and_wait() -> msgspec.Raw:
             await d.enqueue(out)
             return await fut
 
@@ -143,6 +316,59 @@ class EngineAPI:
             ) from None
         finally:
             d.futures.pop(cid, None)
+
+    async def request_many(
+        self,
+        requests: Sequence[BatchRequest | Mapping[str, Any]],
+        *,
+        concurrency: int | None = None,
+        retries: int | None = None,
+        user: str = "",
+    ) -> BatchResults:
+        """Run many requests at once; one `BatchResult` per request, in order, and ``.stats``.
+
+        Each request is a `BatchRequest` or a mapping of its fields (recipient,
+        payload, priority, timeout_s, cache, cache_ttl_s).  Work starts in priority
+        order, at most ``concurrency`` (ENGINE_BATCH_CONCURRENCY) at a time; a
+        timeout is retried ``retries`` (ENGINE_BATCH_RETRIES) times with backoff.
+        One request's failure is its result's ``error`` (code, reason), never an
+        exception; a bad batch raises before anything is queued.
+        """
+        outcomes, stats = await self.run_batch(
+            requests, concurrency=concurrency, retries=retries, user=user
+        )
+        return BatchResults([o.result() for o in outcomes], stats)
+
+    async def run_batch(
+        self,
+        requests: Sequence[BatchRequest | Mapping[str, Any]],
+        *,
+        concurrency: int | None = None,
+        retries: int | None = None,
+        user: str = "",
+        raw_checked: bool = False,
+    ) -> tuple[list[Outcome], BatchStats]:
+        """``request_many`` with the values left raw (the service sends them on as they are)."""
+        self._dispatcher()
+        cfg = self.config
+        items = prepare(requests, cfg.batch_max_requests, raw_checked=raw_checked)
+        limit = check_concurrency(concurrency, cfg.batch_concurrency)
+        if retries is None:
+            retries = cfg.batch_retries
+        elif type(retries) is not int or not 0 <= retries <= 100:
+            raise ValueError(f"retries must be an integer in [0, 100], got {retries!r}")
+        if type(user) is not str:
+            raise ValueError(f"user must be a string, got {user!r}")
+        run = BatchRun(
+            self._send_request,
+            self.cache,
+            cfg,
+            items,
+            concurrency=limit,
+            retries=retries,
+            user=user,
+        )
+        return await run.run()
 
     def register(self, recipient: str) -> None:
         if not isinstance(recipient, str) or not recipient:
@@ -179,7 +405,12 @@ class EngineAPI:
         from ipc.codec import pack_payload
 
         raw = payload if isinstance(payload, msgspec.Raw) else pack_payload(payload)
-        return await self.submit_many(((r, raw) for r in recipients), **options)
+        d = self._dispatcher()
+        opts = d.options(**options)
+        # A fan-out's messages share one dedup_key: it is not an idempotency key here.
+        ids, _ = await self._queue(((r, raw) for r in recipients), opts, False, False, None,
+                                   dedup=False)  # fmt: skip
+        return ids
 
     async def drain(self, timeout: float | None = None) -> bool:
         """Wait until every submitted message is settled; False if ``timeout`` passed first."""
@@ -192,6 +423,9 @@ class EngineAPI:
         sup = self.supervisor
         stats = build_stats(d, sup.report, sup.proc, sup.restarts)
         stats["monitor"]["error"] = sup.error
+        stats["cache"] = self.cache.stats()
+        dedup = self.dedup
+        stats["dedup"] = dedup.stats() if dedup else {"keys": 0, "suppressed": 0, "evicted": 0}
         return stats
 
     def dead_letters(self) -> list[DeadLetter]:
@@ -215,6 +449,7 @@ class EngineAPI:
                 metadata=m.metadata,
                 dedup_key=m.dedup_key,
                 reply_to=m.reply_to,
+                user=m.user,
             )
             await d.enqueue(msg)
         return len(items)

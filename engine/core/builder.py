@@ -42,6 +42,7 @@ class Options(NamedTuple):
     tags: tuple[str, ...]
     metadata: dict[str, str]
     dedup_key: str
+    user: str = ""
 
 
 Outgoing = tuple[int, str, int, bytes]
@@ -59,9 +60,15 @@ def _checked_extras(
     correlation_id: object,
     tags: Iterable[str],
     metadata: dict[str, str] | None,
+    user: object = "",
 ) -> tuple[tuple[str, ...], dict[str, str]]:
     """Type-check the optional fields here, so a bad one never poisons a worker's batch."""
-    for name, value in (("sender", sender), ("reply_to", reply_to), ("dedup_key", dedup_key)):
+    for name, value in (
+        ("sender", sender),
+        ("reply_to", reply_to),
+        ("dedup_key", dedup_key),
+        ("user", user),
+    ):
         if type(value) is not str:
             raise ValueError(f"{name} must be a string, got {value!r}")
     if type(correlation_id) is not int or not 0 <= correlation_id < 1 << 63:
@@ -122,6 +129,7 @@ class MessageBuilder:
         tags: Iterable[str] = (),
         metadata: dict[str, str] | None = None,
         dedup_key: str = "",
+        user: str = "",
     ) -> Options:
         """Validate the per-message options once (a batch shares them)."""
         prio = _PRIORITIES.get(priority)
@@ -141,12 +149,13 @@ class MessageBuilder:
             and type(reply_to) is str
             and type(dedup_key) is str
             and type(correlation_id) is int
+            and type(user) is str
         ):
             tags, metadata = _checked_extras(
-                sender, reply_to, dedup_key, correlation_id, tags, metadata
+                sender, reply_to, dedup_key, correlation_id, tags, metadata, user
             )
         return Options(prio, knd, int(ttl * 1e9), sender, correlation_id, reply_to,
-                       tuple(tags), metadata or _EMPTY, dedup_key)  # fmt: skip
+                       tuple(tags), metadata or _EMPTY, dedup_key, user)  # fmt: skip
 
     def build(self, recipient: str, payload: Any, **options: Any) -> Outgoing:
         """Validate and encode one message (see ``build_many``)."""
@@ -164,7 +173,7 @@ class MessageBuilder:
         (the ingress's frames), which checked its structure, so the batch frame
         cannot be spoiled; bad UTF-8 inside fails that message's ``body()`` only.
         """
-        prio, knd, ttl_ns, sender, cid, reply_to, tags, meta, dedup = opts
+        prio, knd, ttl_ns, sender, cid, reply_to, tags, meta, dedup, user = opts
         ids, enc, limit = self.ids, _encode, self.max_message_bytes
         out: list[Outgoing] = []
         for recipient, payload in items:
@@ -180,7 +189,7 @@ class MessageBuilder:
             mid = next(ids)
             data = enc(
                 (mid, recipient, sender, knd, prio, raw, created,
-                 created + ttl_ns if ttl_ns else 0, 0, cid, reply_to, tags, meta, dedup)
+                 created + ttl_ns if ttl_ns else 0, 0, cid, reply_to, tags, meta, dedup, user)
             )  # fmt: skip
             if len(data) > limit:
                 raise FrameTooLargeError(

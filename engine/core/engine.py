@@ -18,6 +18,8 @@ from typing import Any, TypeVar
 
 from engine.config import Config
 from engine.core.api import EngineAPI
+from engine.core.cache import ResponseCache
+from engine.core.dedup import DedupWindow
 from engine.core.dispatcher import Dispatcher
 from engine.core.supervisor import MonitorSupervisor
 from engine.core.sync import LoopThread, SyncEngine
@@ -41,6 +43,9 @@ class Engine(EngineAPI):
         self.wakeups: EngineWakeups | None = None
         self.dispatcher: Dispatcher | None = None
         self.supervisor = MonitorSupervisor(self.config, handler)
+        cfg = self.config
+        self.cache = ResponseCache(cfg.cache_size, cfg.cache_ttl_s)
+        self.dedup = DedupWindow(cfg.dedup_window_s, cfg.dedup_max) if cfg.dedup_window_s else None
         self._host = LoopThread()  # the loop thread of ``with Engine(...)``
 
     # What the monitor supervisor learns, under the names callers know.

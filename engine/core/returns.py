@@ -14,8 +14,6 @@ import asyncio
 import logging
 from typing import Any
 
-import msgspec
-
 from engine.config import Config
 from engine.core.deadletters import DeadLetterStore
 from engine.errors import CodecError, EngineClosed, RequestFailed
@@ -100,7 +98,7 @@ class Returns:
             if fut is None or fut.done():
                 self.counts["replies_unmatched"] += 1
             elif rec.ok:
-                fut.set_result(msgspec.msgpack.decode(rec.value))
+                fut.set_result(rec.value)  # raw msgpack: the caller decodes (or caches) it
             else:
                 fut.set_exception(RequestFailed(rec.error))
         elif isinstance(rec, DeadLetter):

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable, Coroutine, Iterable
+from collections.abc import Callable, Coroutine, Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from engine.errors import EngineClosed
 
 if TYPE_CHECKING:
+    from engine.batches import BatchRequest, BatchResults
     from engine.core.api import EngineAPI
     from ipc.records import DeadLetter
 
@@ -101,6 +102,20 @@ class SyncEngine:
         self, recipient: str, payload: Any = None, *, timeout: float = 30.0, **options: Any
     ) -> Any:
         return self.host.call(self.engine.request(recipient, payload, timeout=timeout, **options))
+
+    def request_many(
+        self,
+        requests: Sequence[BatchRequest | Mapping[str, Any]],
+        *,
+        concurrency: int | None = None,
+        retries: int | None = None,
+        user: str = "",
+    ) -> BatchResults:
+        return self.host.call(
+            self.engine.request_many(
+                list(requests), concurrency=concurrency, retries=retries, user=user
+            )
+        )
 
     def register(self, recipient: str) -> None:
         self.host.call(_later(self.engine.register, recipient))

@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 import logging
 from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any, Protocol, cast
 
 import msgspec
 
+from engine.batches import BatchRequest
 from engine.errors import EngineClosed, EngineError, RequestFailed, RequestTimeout
 from engine.protocol import (
     ERR_AUTH,
@@ -24,15 +24,21 @@ from engine.protocol import (
     ERR_CLOSED,
     ERR_HANDLER,
     ERR_INTERNAL,
+    ERR_RATE_LIMITED,
     ERR_TIMEOUT,
     ERR_TOO_LARGE,
     HEADER_BYTES,
+    NIL,
     PROTOCOL_VERSION,
     Ack,
+    Batch,
+    BatchAnswer,
+    BatchFigures,
     Broadcast,
     ClientFrame,
     Error,
     Hello,
+    ItemAnswer,
     Publish,
     Register,
     Request,
@@ -46,10 +52,15 @@ from engine.protocol import (
     encode_frames_into,
     frame_length,
 )
+from engine.service.ratelimit import limited_reason
 from ipc.codec import DECODE_ERRORS
 
 if TYPE_CHECKING:
+    from engine.batches import BatchStats
+    from engine.core.batch import Outcome
     from engine.core.engine import Engine
+    from engine.service.ratelimit import UserLimits
+    from engine.service.users import Users
 
 log = logging.getLogger("engine.ingress")
 
@@ -96,7 +107,8 @@ class Host(Protocol):
     """What a connection needs of the ingress that accepted it (`engine.service.ingress`)."""
 
     engine: Engine
-    token: str
+    users: Users
+    limits: UserLimits
     max_frame_bytes: int
     answer_linger_s: float
     counts: dict[str, int]
@@ -122,6 +134,9 @@ class Connection:
         self.answers: asyncio.Queue[Answer | None] = asyncio.Queue(PENDING_ANSWERS)
         self.slow: set[asyncio.Task[ServerFrame]] = set()  # requests and settled acks
         self.idle = False
+        self.user = ""  # who the Hello's token says this client is
+        self._token = ""
+        self._generation = ingress.users.generation
 
     async def run(self) -> None:
         sender = asyncio.ensure_future(self._send_answers())
@@ -183,12 +198,35 @@ class Connection:
                 f"protocol version {frame.version} is not supported (server speaks "
                 f"{PROTOCOL_VERSION})",
             )
-        token = self.ingress.token
-        if token and not hmac.compare_digest(frame.token.encode(), token.encode()):
-            self.counts["auth_failures_total"] += 1
-            reason = "a token is required" if not frame.token else "the token is wrong"
-            raise ProtocolViolation(ERR_AUTH, reason)
+        self._authenticate(frame.token)
         await self.answers.put(Welcome(PROTOCOL_VERSION, "ringway", self.ingress.max_frame_bytes))
+
+    def _authenticate(self, token: str) -> None:
+        """Set the connection's user from ``token`` (engine.service.users); refuse a bad one."""
+        users = self.ingress.users
+        user = users.authenticate(token)
+        if user is None:
+            self.counts["auth_failures_total"] += 1
+            reason = "a token is required" if not token else "the token is wrong"
+            raise ProtocolViolation(ERR_AUTH, reason)
+        self.user, self._token, self._generation = user, token, users.generation
+
+    def _admit(self, frame: ClientFrame) -> Error | None:
+        """The rate limit's refusal of ``frame``, if over it (nothing of it is queued then)."""
+        if isinstance(frame, Submit | Batch):
+            n = len(frame.items)
+        elif isinstance(frame, Request | Publish | Broadcast):
+            n = 1
+        else:
+            return None
+        limits = self.ingress.limits
+        wait = limits.admit(self.user, n)
+        if not wait:
+            return None
+        self._count_error(ERR_RATE_LIMITED)
+        return Error(
+            frame.seq, ERR_RATE_LIMITED, limited_reason(self.user, wait, limits.rate), wait
+        )
 
     async def _read_frame(self) -> ClientFrame | None:
         """The next decodable frame; None at a clean end of stream."""
@@ -229,35 +267,73 @@ class Connection:
     async def _handle(self, frame: ClientFrame) -> Answer:
         """Act on one frame; returns its answer (or an awaitable of it, kept in order)."""
         eng = self.engine
+        if self.ingress.users.generation != self._generation:
+            self._authenticate(self._token)  # the tokens were reloaded: is ours still good?
+        if refused := self._admit(frame):
+            return refused
+        user = self.user  # stamped on every message: never the client's claim
         try:
             if isinstance(frame, Submit):
+                keys = frame.keys or None
                 if frame.settled:
                     # Queued here, in frame order and under backpressure; only the
                     # wait for settlement runs beside the reader.
                     ids, marks = await eng.submit_marked(
-                        frame.items, raw_checked=True, **send_options(frame.options)
+                        frame.items,
+                        raw_checked=True,
+                        dedup_keys=keys,
+                        user=user,
+                        **send_options(frame.options),
                     )
                     self.counts["messages_total"] += len(ids)
                     return self._later(frame.seq, self._settled_ack(frame.seq, ids, marks))
                 ids = await eng.submit_many(
-                    frame.items, raw_checked=True, **send_options(frame.options)
+                    frame.items,
+                    raw_checked=True,
+                    dedup_keys=keys,
+                    user=user,
+                    **send_options(frame.options),
                 )
                 self.counts["messages_total"] += len(ids)
                 return Ack(frame.seq, ids)
             if isinstance(frame, Request):
-                coro = eng.request(
+                coro = eng.request_raw(
                     frame.recipient,
                     frame.payload,
                     timeout=frame.timeout_s,
+                    cache=frame.cache,
+                    cache_ttl_s=frame.cache_ttl_s,
+                    user=user,
                     **send_options(frame.options),
                 )
                 return self._later(frame.seq, _response(frame.seq, coro))
+            if isinstance(frame, Batch):
+                requests = [
+                    BatchRequest(
+                        recipient=i.recipient,
+                        payload=i.payload,
+                        priority=i.priority,
+                        timeout_s=i.timeout_s,
+                        cache=i.cache,
+                        cache_ttl_s=i.cache_ttl_s,
+                    )
+                    for i in frame.items
+                ]
+                batch = eng.run_batch(
+                    requests,
+                    concurrency=frame.concurrency or None,
+                    user=user,
+                    raw_checked=True,
+                )
+                return self._later(frame.seq, _batch_answer(frame.seq, batch))
             if isinstance(frame, Publish):
-                ids = await eng.publish(frame.topic, frame.payload, **send_options(frame.options))
+                ids = await eng.publish(
+                    frame.topic, frame.payload, user=user, **send_options(frame.options)
+                )
                 self.counts["messages_total"] += len(ids)
                 return Ack(frame.seq, ids)
             if isinstance(frame, Broadcast):
-                ids = await eng.broadcast(frame.payload, **send_options(frame.options))
+                ids = await eng.broadcast(frame.payload, user=user, **send_options(frame.options))
                 self.counts["messages_total"] += len(ids)
                 return Ack(frame.seq, ids)
             if isinstance(frame, Subscribe):
@@ -350,9 +426,36 @@ async def _settle(answer: Answer) -> ServerFrame:
     return answer
 
 
-async def _response(seq: int, coro: Awaitable[Any]) -> ServerFrame:
-    value = await coro
-    return Response(seq, msgspec.Raw(msgspec.msgpack.encode(value)))
+async def _response(seq: int, coro: Awaitable[msgspec.Raw]) -> ServerFrame:
+    return Response(seq, await coro)
+
+
+async def _batch_answer(seq: int, run: Awaitable[tuple[list[Outcome], BatchStats]]) -> ServerFrame:
+    outcomes, stats = await run
+    return BatchAnswer(
+        seq,
+        [
+            ItemAnswer(
+                o.ok,
+                o.value if o.value is not None else NIL,
+                o.code,
+                o.reason,
+                o.cached,
+                o.deduplicated,
+                o.duration_s,
+                o.attempts,
+            )
+            for o in outcomes
+        ],
+        BatchFigures(
+            stats.total_duration_s,
+            stats.average_duration_s,
+            stats.cache_hit_rate,
+            stats.deduplication_rate,
+            stats.requests,
+            stats.executed,
+        ),
+    )
 
 
 def _frame_seq(frame: ClientFrame) -> int:

@@ -2,26 +2,34 @@
 
 ``GET /healthz`` answers without a token (load balancers and orchestrators
 probe it) and tells only ok/unhealthy with reasons; every other route needs
-``Authorization: Bearer <ENGINE_AUTH_TOKEN>`` when a token is set.
+``Authorization: Bearer <token>`` when tokens are set (ENGINE_AUTH_TOKEN,
+ENGINE_AUTH_TOKENS_FILE: `engine.service.users`), and the token's user is
+stamped on what the request sends.
 ``POST /v1/messages`` takes one JSON message object or an array of them and
 answers 202 with their ids once they are in a ring (``?settled=1``: 200 once
 they are delivered or dead-lettered), for clients in languages without our
-binary client.
+binary client.  ``POST /v1/batch`` runs many requests at once
+(`engine.core.batch`), ``DELETE /v1/cache`` forgets the user's cached
+answers.  Over the user's rate limit a route that sends messages answers 429
+with ``Retry-After``.
 """
 
 from __future__ import annotations
 
-import hmac
 import itertools
 import logging
+import math
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Protocol
 
 import msgspec
 from aiohttp import web
 
+from engine.batches import BatchRequest
+from engine.core.batch import Outcome
 from engine.errors import EngineClosed, EngineError
 from engine.service.metrics import CONTENT_TYPE, Snapshot, render
+from engine.service.ratelimit import limited_reason
 from ipc.codec import pack_payload
 from ipc.control import Histogram
 
@@ -30,6 +38,8 @@ if TYPE_CHECKING:
 
     from engine.config import Config
     from engine.core.engine import Engine
+    from engine.service.ratelimit import UserLimits
+    from engine.service.users import Users
 
 log = logging.getLogger("engine.http")
 
@@ -46,6 +56,8 @@ class Service(Protocol):
     engine: Engine
     counts: dict[str, int]
     stop_requested: asyncio.Event
+    users: Users
+    limits: UserLimits
 
     def stats(self) -> dict[str, Any]: ...
 
@@ -81,8 +93,17 @@ class HttpMessage(msgspec.Struct, forbid_unknown_fields=True):
         )
 
 
+class HttpBatch(msgspec.Struct, forbid_unknown_fields=True):
+    """A ``POST /v1/batch`` body: the requests (`BatchRequest` fields) and the concurrency."""
+
+    requests: list[BatchRequest]
+    concurrency: int | None = None
+
+
 _body_decoder = msgspec.json.Decoder(HttpMessage | list[HttpMessage])
+_batch_decoder = msgspec.json.Decoder(HttpBatch)
 _json = msgspec.json.Encoder()
+_UNDECODABLE = (msgspec.DecodeError, msgspec.ValidationError, RecursionError, UnicodeDecodeError)
 
 
 def _reply(status: int, body: object) -> web.Response:
@@ -93,26 +114,44 @@ def _problem(status: int, code: str, reason: str) -> web.Response:
     return _reply(status, {"error": code, "reason": reason})
 
 
+def _item(o: Outcome) -> dict[str, Any]:
+    """One answer of ``POST /v1/batch``: the value decoded from msgpack to become JSON."""
+    out: dict[str, Any] = {"ok": o.ok}
+    if o.ok:
+        out["value"] = None if o.value is None else msgspec.msgpack.decode(o.value)
+    else:
+        out["error"] = {"code": o.code, "reason": o.reason}
+    out |= {
+        "cached": o.cached,
+        "deduplicated": o.deduplicated,
+        "duration_s": o.duration_s,
+        "attempts": o.attempts,
+    }
+    return out
+
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 def make_app(service: Service) -> web.Application:
     """The aiohttp application bound to a running service."""
     counts = service.counts
-    token = service.config.auth_token.encode()
 
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         counts["http_requests_total"] += 1
-        if token and request.path != "/healthz":
+        request["user"] = ""
+        if service.users.required and request.path != "/healthz":
             given = request.headers.get("Authorization", "")
             scheme, _, value = given.partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(value.encode(), token):
+            user = service.users.authenticate(value) if scheme.lower() == "bearer" else None
+            if user is None:
                 counts["http_auth_failures_total"] += 1
                 reason = "a bearer token is required" if not given else "the token is wrong"
                 resp = _problem(401, "auth", reason)
                 resp.headers["WWW-Authenticate"] = 'Bearer realm="ringway"'
                 return resp
+            request["user"] = user  # stamped on every message: never the client's claim
         try:
             return await handler(request)
         except web.HTTPException as exc:
@@ -132,6 +171,23 @@ def make_app(service: Service) -> web.Application:
     async def metrics(request: web.Request) -> web.Response:
         body = render(lambda: _snapshot(service))
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
+
+    def over_limit(request: web.Request, n: int) -> web.Response | None:
+        """429 with Retry-After when ``n`` messages would put the user over the rate limit."""
+        user = request["user"]
+        wait = service.limits.admit(user, n)
+        if not wait:
+            return None
+        resp = _reply(
+            429,
+            {
+                "error": "rate_limited",
+                "reason": limited_reason(user, wait, service.limits.rate),
+                "retry_after_s": wait,
+            },
+        )
+        resp.headers["Retry-After"] = str(max(1, math.ceil(wait)))  # whole seconds (RFC 9110)
+        return resp
 
     def refuse_if_stopping() -> web.Response | None:
         # Like the binary ingress, take no new messages once a stop signal came: the
@@ -155,6 +211,8 @@ def make_app(service: Service) -> web.Application:
             counts["http_bad_requests_total"] += 1
             return _problem(400, "bad_request", f"body is not a message or a list of them: {exc}")
         batch = decoded if isinstance(decoded, list) else [decoded]
+        if limited := over_limit(request, len(batch)):
+            return limited
         ids: list[int] = []
         try:
             # Runs of messages with equal options go in as one submit_many.
@@ -173,6 +231,7 @@ def make_app(service: Service) -> web.Application:
                     tags=first.tags,
                     metadata=first.metadata or None,
                     dedup_key=first.dedup_key,
+                    user=request["user"],
                 )
         except EngineClosed as exc:
             return _problem(503, "closed", str(exc))
@@ -181,6 +240,34 @@ def make_app(service: Service) -> web.Application:
             done = f" ({len(ids)} earlier messages of this body were queued)" if ids else ""
             return _problem(400, "bad_request", f"{exc}{done}")
         return _reply(200 if settled else 202, {"ids": ids})
+
+    async def batch(request: web.Request) -> web.Response:
+        if refused := refuse_if_stopping():
+            return refused
+        try:
+            body = _batch_decoder.decode(await request.read())
+        except _UNDECODABLE as exc:
+            counts["http_bad_requests_total"] += 1
+            return _problem(400, "bad_request", f"body is not a batch: {exc}")
+        if limited := over_limit(request, len(body.requests)):
+            return limited
+        try:
+            outcomes, stats = await service.engine.run_batch(
+                body.requests, concurrency=body.concurrency, user=request["user"]
+            )
+        except EngineClosed as exc:
+            return _problem(503, "closed", str(exc))
+        except (ValueError, TypeError, EngineError) as exc:
+            counts["http_bad_requests_total"] += 1
+            return _problem(400, "bad_request", str(exc))
+        return _reply(
+            200,
+            {"responses": [_item(o) for o in outcomes], "stats": msgspec.to_builtins(stats)},
+        )
+
+    async def clear_cache(request: web.Request) -> web.Response:
+        user = request["user"]
+        return _reply(200, {"cleared": service.engine.cache.clear(user), "user": user})
 
     async def dead_letters(request: web.Request) -> web.Response:
         from engine.core.deadletters import view
@@ -200,6 +287,8 @@ def make_app(service: Service) -> web.Application:
     app.router.add_get("/stats", stats)
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/v1/messages", messages)
+    app.router.add_post("/v1/batch", batch)
+    app.router.add_delete("/v1/cache", clear_cache)
     app.router.add_get("/v1/dead-letters", dead_letters)
     app.router.add_post("/v1/dead-letters/replay", replay)
     return app
@@ -212,4 +301,5 @@ def _snapshot(service: Service) -> Snapshot:
         latency_start=report.latency_start if report else Histogram(),
         latency_settle=report.latency_settle if report else Histogram(),
         service=service.service_counts(),
+        users=service.limits.counts(),
     )

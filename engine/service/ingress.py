@@ -30,6 +30,8 @@ from engine.service.connection import Connection, close_writer
 
 if TYPE_CHECKING:
     from engine.core.engine import Engine
+    from engine.service.ratelimit import UserLimits
+    from engine.service.users import Users
 
 log = logging.getLogger("engine.ingress")
 
@@ -51,14 +53,16 @@ class Ingress:
         self,
         engine: Engine,
         *,
-        token: str,
+        users: Users,
+        limits: UserLimits,
         max_frame_bytes: int,
         max_connections: int,
         answer_linger_s: float,
     ) -> None:
         self.engine = engine
         self.answer_linger_s = answer_linger_s  # how long a closing connection may owe answers
-        self.token = token
+        self.users = users  # who each token is (the handshake asks)
+        self.limits = limits  # per-user rate limits and counts
         self.max_frame_bytes = max_frame_bytes
         self.max_connections = max_connections
         self.counts: dict[str, int] = dict.fromkeys(COUNTERS, 0)

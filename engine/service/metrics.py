@@ -9,7 +9,7 @@ conventions: prefix ``engine_``, counters end in ``_total``, durations are
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -51,6 +51,8 @@ class Snapshot:
     latency_start: Histogram
     latency_settle: Histogram
     service: dict[str, int]
+    users: dict[str, dict[str, int]] = field(default_factory=dict)
+    """Per user: messages admitted and refusals by the rate limit (engine.service.ratelimit)."""
 
 
 def prometheus_buckets(h: Histogram) -> tuple[list[tuple[str, float]], float]:
@@ -125,6 +127,8 @@ class EngineCollector(Collector):
         yield CounterMetricFamily(
             "engine_monitor_restarts", "Monitor restarts.", value=monitor["restarts"]
         )
+        yield from _cache_metrics(s)
+        yield from _user_metrics(snap.users)
         for key, value in snap.service.items():
             name = f"engine_{key}"
             if key.endswith("_total"):
@@ -153,6 +157,58 @@ def _worker_metrics(workers: list[dict[str, Any]]) -> Iterator[Metric]:
         for w in workers:
             family.add_metric([str(w["worker"])], float(w[key]))
         yield family
+
+
+# (metric name, key in stats["cache"] or stats["dedup"], help); the names issue 13 asked for.
+_CACHE_COUNTERS = (
+    ("engine_cache_hits", "cache", "hits", "Cacheable requests answered from the cache."),
+    ("engine_cache_misses", "cache", "misses", "Cacheable requests that ran the handler."),
+    (
+        "engine_requests_deduplicated",
+        "cache",
+        "deduplicated",
+        "Cacheable requests that joined an identical running one.",
+    ),
+    ("engine_cache_evictions", "cache", "evicted", "Entries dropped by ENGINE_CACHE_SIZE."),
+    ("engine_cache_expirations", "cache", "expired", "Entries dropped when their TTL passed."),
+    (
+        "engine_messages_deduplicated",
+        "dedup",
+        "suppressed",
+        "Submits acked with an earlier message's id (dedup_key seen in the window).",
+    ),
+    (
+        "engine_dedup_evictions",
+        "dedup",
+        "evicted",
+        "dedup_keys forgotten before their window ended (ENGINE_DEDUP_MAX).",
+    ),
+)
+
+
+def _cache_metrics(s: dict[str, Any]) -> Iterator[Metric]:
+    for name, part, key, doc in _CACHE_COUNTERS:
+        yield CounterMetricFamily(name, doc, value=s[part][key])
+    yield GaugeMetricFamily(
+        "engine_cache_entries", "Responses in the cache.", value=s["cache"]["entries"]
+    )
+    yield GaugeMetricFamily("engine_dedup_keys", "dedup_keys remembered.", value=s["dedup"]["keys"])
+
+
+def _user_metrics(users: dict[str, dict[str, int]]) -> Iterator[Metric]:
+    messages = CounterMetricFamily(
+        "engine_user_messages", "Messages and requests a user sent.", labels=["user"]
+    )
+    limited = CounterMetricFamily(
+        "engine_user_rate_limited",
+        "Frames or HTTP bodies of a user refused by ENGINE_RATE_LIMIT.",
+        labels=["user"],
+    )
+    for user, counts in users.items():
+        messages.add_metric([user], counts["messages"])
+        limited.add_metric([user], counts["rate_limited"])
+    yield messages
+    yield limited
 
 
 def render(source: Callable[[], Snapshot]) -> bytes:

@@ -25,6 +25,8 @@ from engine.errors import EngineStartError
 from engine.exitcodes import ExitCode
 from engine.service.http import HTTP_COUNTERS
 from engine.service.ingress import Ingress
+from engine.service.ratelimit import UserLimits
+from engine.service.users import Users
 
 log = logging.getLogger("engine.service")
 HTTP_SHUTDOWN_S = 2.0  # after the drain, open HTTP requests get this long to finish
@@ -32,11 +34,11 @@ HTTP_SHUTDOWN_S = 2.0  # after the drain, open HTTP requests get this long to fi
 
 def check_bind(config: Config) -> None:
     """Refuse a non-loopback bind without a token (anyone on the network could submit)."""
-    if config.auth_token or _is_loopback(config.host):
+    if config.auth_token or config.auth_tokens_file or _is_loopback(config.host):
         return
     raise ConfigError(
         f"ENGINE_HOST={config.host!r} is not a loopback address: set ENGINE_AUTH_TOKEN "
-        "so clients must authenticate, or bind to 127.0.0.1"
+        "(or ENGINE_AUTH_TOKENS_FILE) so clients must authenticate, or bind to 127.0.0.1"
     )
 
 
@@ -59,6 +61,8 @@ class Service:
     def __init__(self, config: Config, handler: Any = None) -> None:
         check_bind(config)
         self.config = config
+        self.users = Users.from_config(config)  # a bad tokens file stops the start here
+        self.limits = UserLimits(config.rate_limit, config.rate_burst)
         self.engine = Engine(handler if handler is not None else (config.handler or None), config)
         self.ingress: Ingress | None = None
         self.runner: Any = None
@@ -111,7 +115,8 @@ class Service:
         try:
             self.ingress = Ingress(
                 self.engine,
-                token=cfg.auth_token,
+                users=self.users,
+                limits=self.limits,
                 max_frame_bytes=cfg.max_frame_bytes,
                 max_connections=cfg.max_connections,
                 answer_linger_s=cfg.shutdown_timeout_s,
@@ -154,7 +159,8 @@ class Service:
                 "tcp": self.addresses.get("tcp", ""),
                 "http": self.addresses.get("http", ""),
                 "socket": self.addresses.get("socket", ""),
-                "auth": bool(cfg.auth_token),
+                "auth": self.users.required,
+                "users": len(self.users.names),
             },
         )
 
@@ -178,6 +184,14 @@ class Service:
             return
         log.info("SIGHUP: restarting workers one at a time")
         self.reloads += 1
+        if self.users.path:
+            try:
+                users = self.users.reload()
+            except ConfigError as exc:
+                # The error names the file and line; a traceback would add nothing.
+                log.error("the auth tokens were not reloaded (the old ones stay): %s", exc)  # noqa: TRY400
+            else:
+                log.info("auth tokens reloaded", extra={"users": users})
         try:
             self.engine.reload()
         except Exception:

@@ -21,6 +21,7 @@ PRODUCT = ("engine", "ipc")
 # Modules every part of `engine` may use (below every subpackage).
 SHARED = {
     "engine.backoff",
+    "engine.batches",
     "engine.config",
     "engine.errors",
     "engine.exitcodes",
