@@ -257,6 +257,7 @@ class Connection:
         state = {"progress": False}
         read = asyncio.ensure_future(self._read_loop(reader, state))
         write = asyncio.ensure_future(self._write_loop(writer))
+        fatal: BaseException | None = None
         try:
             await asyncio.wait((read, write), return_when=asyncio.FIRST_COMPLETED)
         finally:
@@ -266,12 +267,13 @@ class Connection:
                 with contextlib.suppress(asyncio.CancelledError, Exception):
                     await task
             writer.close()
-            self._pipeline._requeue()
-        for task in (read, write):
-            exc = None if task.cancelled() else task.exception()
-            if isinstance(exc, _Drop) and exc.fatal:
-                return exc.error
-        return state["progress"]
+            for task in (read, write):
+                exc = None if task.cancelled() else task.exception()
+                if isinstance(exc, _Drop) and exc.fatal:
+                    fatal = exc.error
+            if fatal is None:  # else every pending call fails with the fatal error itself
+                self._pipeline._requeue()
+        return state["progress"] if fatal is None else fatal
 
     async def _read_loop(self, reader: asyncio.StreamReader, state: dict[str, bool]) -> None:
         pipeline = self._pipeline

@@ -112,9 +112,7 @@ class SyncEngine:
         user: str = "",
     ) -> BatchResults:
         return self.host.call(
-            self.engine.request_many(
-                list(requests), concurrency=concurrency, retries=retries, user=user
-            )
+            self.engine.request_many(requests, concurrency=concurrency, retries=retries, user=user)
         )
 
     def register(self, recipient: str) -> None:

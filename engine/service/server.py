@@ -189,7 +189,9 @@ class Service:
                 users = self.users.reload()
             except ConfigError as exc:
                 # The error names the file and line; a traceback would add nothing.
-                log.error("the auth tokens were not reloaded (the old ones stay): %s", exc)  # noqa: TRY400
+                log.error(  # noqa: TRY400
+                    "auth tokens not reloaded; the old ones stay", extra={"error": str(exc)}
+                )
             else:
                 log.info("auth tokens reloaded", extra={"users": users})
         try:

@@ -55,7 +55,7 @@ def parse_tokens(text: str, source: str) -> dict[bytes, str]:
         if key in users:
             other, first = users[key]
             raise ConfigError(
-                f"{where}: this token is already user {other!r}'s (line {first}); "
+                f"{where}: this token already belongs to user {other!r} (line {first}); "
                 "a token must name one user"
             )
         users[key] = (user, number)

@@ -7,6 +7,8 @@
 - ``count*``: append one line to ``payload["path"]`` (the test counts executions),
   sleep ``payload.get("s", 0)`` seconds, return ``payload["v"]``;
 - ``order*``: append the recipient to ``payload["path"]`` (the test reads the order);
+- ``span*``: sleep ``payload["s"]``, then append "start end" (monotonic seconds) to
+  ``payload["path"]`` (the test computes how many ran at once);
 - ``reject*``: raise ``Reject`` (a dead letter: the item's error is ``rejected``);
 - ``fail*``: raise ``RuntimeError`` every time (``max_attempts`` once retries run out);
 - ``retry*``: raise ``Retry(after=0.05)`` on the first attempt, then answer ``"retried"``;
@@ -17,6 +19,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +45,11 @@ async def route(msg: Message) -> Any:
     if name.startswith("order"):
         _append(body["path"], name)
         await asyncio.sleep(float(body.get("s", 0)))
+        return name
+    if name.startswith("span"):
+        start = time.monotonic()
+        await asyncio.sleep(float(body["s"]))
+        _append(body["path"], f"{start} {time.monotonic()}")
         return name
     if name.startswith("reject"):
         raise Reject(f"no thanks: {body!r}")

@@ -79,7 +79,7 @@ def test_malformed_message_inside_a_frame_is_dead_lettered_not_fatal() -> None:
             d = eng.dispatcher
             assert d is not None
             good = [d.build(f"Agent-{i}", {"i": i})[3] for i in range(2)]
-            bad = d.build("Agent-x", {"x": 1})[3][:-1] + b"\x01"  # dedup_key not a str
+            bad = d.build("Agent-x", {"x": 1})[3][:-1] + b"\x01"  # user (the last) not a str
             frame = array_header(3) + good[0] + bad + good[1]
             d.producers[0][Priority.NORMAL].write([frame])
             d.counts["submitted"] += 3  # written behind the dispatcher's back: account here
@@ -91,7 +91,7 @@ def test_malformed_message_inside_a_frame_is_dead_lettered_not_fatal() -> None:
     s, dead = asyncio.run(go())
     assert (s["submitted"], s["delivered"], s["dead_lettered"], s["in_flight"]) == (3, 2, 1, 0)
     assert [d.reason for d in dead] == ["malformed"]
-    assert "dedup_key" in dead[0].error
+    assert "field 'user'" in dead[0].error
     assert s["workers"][0]["restarts"] == 0
 
 
