@@ -13,6 +13,7 @@ import json
 from typing import Any
 
 from engine.cli.flags import positive_float, positive_int
+from engine.config import Config
 from engine.exitcodes import ExitCode
 
 
@@ -49,6 +50,12 @@ def add_batch_commands(sub: argparse._SubParsersAction[Any]) -> None:
         "--concurrency", type=positive_int, default=20, help="batch concurrency (default 20)"
     )
     bench.add_argument("--workers", type=positive_int, default=2, help="workers (default 2)")
+    bench.add_argument(
+        "--cache-size",
+        type=positive_int,
+        default=None,
+        help="cached responses kept (default ENGINE_CACHE_SIZE, 2000)",
+    )
     bench.add_argument(
         "--sequential-max",
         type=positive_int,
@@ -92,10 +99,12 @@ def _cmd_bench(args: argparse.Namespace) -> int:
             args.concurrency,
             workers=args.workers,
             sequential_max=args.sequential_max,
+            cache_size=args.cache_size,
         )
     )
     if args.json:
         print(json.dumps(as_json(rows), indent=2))
     else:
-        print(render(rows, args.handler_ms, args.concurrency))
+        size = args.cache_size or Config.from_env().cache_size
+        print(render(rows, args.handler_ms, args.concurrency, size))
     return ExitCode.OK

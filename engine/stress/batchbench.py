@@ -82,11 +82,19 @@ async def run_bench(
     *,
     workers: int = 2,
     sequential_max: int = 200,
+    cache_size: int | None = None,
     seed: int = 13,
 ) -> list[Row]:
-    """Measure the three rows (see the module docstring) on a fresh embedded engine."""
+    """Measure the three rows (see the module docstring) on a fresh embedded engine.
+
+    ``cache_size`` None keeps ENGINE_CACHE_SIZE (2,000 by default: fewer distinct
+    requests than that are all kept; more are evicted, least recently used first).
+    """
     requests = workload(n, duplicates, handler_ms, seed)
-    config = Config.from_env(workers=workers, log_level="WARNING")
+    overrides: dict[str, object] = {"workers": workers, "log_level": "WARNING"}
+    if cache_size is not None:
+        overrides["cache_size"] = cache_size
+    config = Config.from_env(None, **overrides)
     rows: list[Row] = []
     async with Engine(HANDLER, config) as eng:
         await eng.request("agent-warmup", {"k": -1, "ms": 0}, timeout=30)  # workers are up
@@ -120,10 +128,11 @@ async def run_bench(
     return rows
 
 
-def render(rows: list[Row], handler_ms: float, concurrency: int) -> str:
+def render(rows: list[Row], handler_ms: float, concurrency: int, cache_size: int) -> str:
     """The rows as the Markdown table tuning.md and the README show."""
     lines = [
-        f"| mode (handler {handler_ms:g} ms, concurrency {concurrency}) | requests | total s "
+        f"| mode (handler {handler_ms:g} ms, concurrency {concurrency}, cache {cache_size:,}) "
+        "| requests | total s "
         "| average request s | requests/s | cache hit rate | de-duplication rate "
         "| handler calls |",
         "|---|---:|---:|---:|---:|---:|---:|---:|",

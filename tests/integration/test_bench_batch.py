@@ -39,5 +39,5 @@ def test_bench_batch_scales_the_sequential_row_beyond_its_sample() -> None:
     out = bench("--requests", "50", "--handler-ms", "20", "--sequential-max", "10")
     assert out.returncode == 0, out.stderr
     table = out.stdout.splitlines()
-    assert table[0].startswith("| mode (handler 20 ms, concurrency 20) | requests |")
+    assert table[0].startswith("| mode (handler 20 ms, concurrency 20, cache 2,000) | requests |")
     assert "(est.)" in table[2] and table[2].startswith("| sequential | 50 |")
