@@ -1,4 +1,5 @@
-"""The ``engine`` command and its subcommands (config, demo, serve, stats, send, dlq, stress)."""
+"""The ``engine`` command and its subcommands (config, demo, serve, stats, send, dlq, cache,
+stress, bench-batch)."""
 
 from engine.cli.commands import main
 

@@ -1,9 +1,7 @@
-"""The batch subcommands of ``engine``: ``cache clear`` and ``bench-batch``.
+"""``engine bench-batch``: the design's sequential-against-batch table on an embedded engine.
 
-``cache clear`` forgets a running service's cached responses of the caller's
-user (``DELETE /v1/cache``: the token decides whose); ``bench-batch`` runs
-the design's sequential-against-batch table on an embedded engine
-(`engine.stress.batchbench`).
+The workload and the measuring are `engine.stress.batchbench`; ``engine cache
+clear``, which talks to a running service, is with the service commands.
 """
 
 from __future__ import annotations
@@ -18,19 +16,7 @@ from engine.exitcodes import ExitCode
 
 
 def add_batch_commands(sub: argparse._SubParsersAction[Any]) -> None:
-    """Add ``cache`` and ``bench-batch`` to the ``engine`` parser."""
-    from engine.cli.service import _add_http_target as add_http_target  # the same flags
-
-    cache = sub.add_parser(
-        "cache",
-        help="clear a running service's response cache (your user's entries)",
-        description="Forget the cached responses of the user the token stands for "
-        "(DELETE /v1/cache). Other users' entries stay.",
-    )
-    cache.add_argument("action", choices=["clear"])
-    add_http_target(cache)
-    cache.set_defaults(run=_cmd_cache)
-
+    """Add ``bench-batch`` to the ``engine`` parser."""
     bench = sub.add_parser(
         "bench-batch",
         help="measure sequential requests against request_many (the design's batch table)",
@@ -74,16 +60,6 @@ def _share(text: str) -> float:
     if not 0 <= value < 1:
         raise argparse.ArgumentTypeError(f"must be a share in [0, 1), got {text!r}")
     return value
-
-
-def _cmd_cache(args: argparse.Namespace) -> int:
-    from engine.cli.service import _http, _http_base  # one way to reach the service's HTTP
-
-    base, token = _http_base(args)
-    out = _http("DELETE", f"{base}/v1/cache", token)
-    who = f"user {out['user']!r}" if out["user"] else "the anonymous user"
-    print(f"cleared {out['cleared']:,} cached responses of {who}")
-    return ExitCode.OK
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:

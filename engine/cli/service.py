@@ -1,4 +1,4 @@
-"""The service subcommands of ``engine``: serve, stats, send, dlq.
+"""The service subcommands of ``engine``: serve, stats, send, dlq, cache.
 
 ``serve`` runs the service in this process; the others talk to a running one
 (``stats`` and ``dlq`` over HTTP, ``send`` over the binary protocol), finding
@@ -30,7 +30,7 @@ class ServiceUnavailable(EngineError):
 
 
 def add_service_commands(sub: argparse._SubParsersAction[Any]) -> None:
-    """Add ``serve``, ``stats``, ``send`` and ``dlq`` to the ``engine`` parser."""
+    """Add ``serve``, ``stats``, ``send``, ``dlq`` and ``cache`` to the ``engine`` parser."""
     serve = sub.add_parser(
         "serve",
         help="run the service: dispatcher, workers, monitor, TCP and HTTP ingress",
@@ -96,6 +96,16 @@ def add_service_commands(sub: argparse._SubParsersAction[Any]) -> None:
     _add_http_target(dlq)
     dlq.add_argument("--json", action="store_true", help="print JSON (list)")
     dlq.set_defaults(run=_cmd_dlq)
+
+    cache = sub.add_parser(
+        "cache",
+        help="clear a running service's response cache (your user's entries)",
+        description="Forget the cached responses of the user the token stands for "
+        "(DELETE /v1/cache). Other users' entries stay.",
+    )
+    cache.add_argument("action", choices=["clear"])
+    _add_http_target(cache)
+    cache.set_defaults(run=_cmd_cache)
 
 
 def _seconds(text: str) -> float:
@@ -300,4 +310,13 @@ def _cmd_dlq(args: argparse.Namespace) -> int:
             str(dl["id"]), dl["recipient"], dl["reason"], str(dl["attempts"]), dl["error"][:60]
         )
     Console().print(table)
+    return ExitCode.OK
+
+
+# -- cache ------------------------------------------------------------------------------
+def _cmd_cache(args: argparse.Namespace) -> int:
+    base, token = _http_base(args)
+    out = _http("DELETE", f"{base}/v1/cache", token)
+    who = f"user {out['user']!r}" if out["user"] else "the anonymous user"
+    print(f"cleared {out['cleared']:,} cached responses of {who}")
     return ExitCode.OK

@@ -2,7 +2,8 @@
 
 ``ENGINE_RATE_LIMIT`` messages a second per user (0 = no limit), with bursts
 up to ``ENGINE_RATE_BURST`` (0 = one second's worth).  A frame or HTTP body of
-n messages takes n tokens at once; one larger than the burst is admitted when
+n messages (or n batch requests) takes n tokens at once, a request, publish or
+broadcast one; one larger than the burst is admitted when
 the bucket is full and leaves it in debt, so the long-run rate holds whatever
 the frame sizes (a client's natural batches may exceed the burst).  Over the
 limit nothing of the frame is queued: HTTP answers 429 with ``Retry-After``,
