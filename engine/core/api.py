@@ -144,7 +144,7 @@ class EngineAPI:
     ) -> tuple[list[int], list[tuple[int, int, int]]]:
         d = self._dispatcher()
         window = self.dedup if dedup else None
-        if dedup_keys is not None and window is not None:
+        if dedup_keys is not None:  # checked even when the window is off (0)
             if not isinstance(dedup_keys, Sequence) or not all(type(k) is str for k in dedup_keys):
                 raise ValueError(f"dedup_keys must be a list of strings, got {dedup_keys!r}")
             items = list(items)
