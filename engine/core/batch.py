@@ -41,9 +41,11 @@ from engine.errors import (
     RequestFailed,
     RequestTimeout,
 )
+from engine.logs import LogLimiter, suppressed_note
 from ipc.codec import Priority, check_raw, pack_payload
 
 log = logging.getLogger("engine.batch")
+_quiet = LogLimiter(10.0)  # a bug hit by every item of a large batch logs once per 10 s
 
 # Dead-letter reasons a failed reply starts with ("rejected: why"); they become the error code.
 _DEAD_LETTER_CODES = ("rejected", "max_attempts", "worker_crash", "malformed")
@@ -271,8 +273,9 @@ class BatchRun:
             out.code, out.reason = "cancelled", "the request was cancelled"
         except Exception as exc:
             out.code, out.reason = error_of(exc)
-            if out.code == "internal":
-                log.exception("request %d of a batch failed unexpectedly", i)
+            if out.code == "internal" and (held := _quiet.allow("internal")) is not None:
+                note = suppressed_note(held)
+                log.exception("request %d of a batch failed unexpectedly%s", i, note)
         out.duration_s = time.perf_counter() - started
 
     def _stats(self, total_s: float) -> BatchStats:
