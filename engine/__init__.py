@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from engine.config import Config, ConfigError
 from engine.errors import (
+    DrainTimeout,
     EngineClosed,
     EngineError,
     EngineStartError,
@@ -28,6 +29,7 @@ __version__ = "0.1.0"
 __all__ = [
     "Config",
     "ConfigError",
+    "DrainTimeout",
     "Engine",
     "EngineClosed",
     "EngineError",

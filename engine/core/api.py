@@ -34,6 +34,7 @@ class EngineAPI:
 
     dispatcher: Dispatcher | None
     supervisor: MonitorSupervisor
+    abandoned: int  # set by Engine.stop
 
     def _dispatcher(self) -> Dispatcher:
         if self.dispatcher is None or self.dispatcher.closed:
@@ -190,7 +191,7 @@ class EngineAPI:
         if d is None:
             raise EngineClosed("the engine was never started")
         sup = self.supervisor
-        stats = build_stats(d, sup.report, sup.proc, sup.restarts)
+        stats = build_stats(d, sup.report, sup.proc, sup.restarts, self.abandoned)
         stats["monitor"]["error"] = sup.error
         return stats
 
