@@ -193,7 +193,8 @@ def test_a_redelivery_is_logged(caplog: pytest.LogCaptureFixture) -> None:
     assert s["redelivered"] > 0 and s["delivered"] == 40, s
     lines = [r for r in caplog.records if "delivers again" in r.getMessage()]
     assert lines and all(r.levelno == logging.WARNING for r in lines), caplog.text
-    assert sum(getattr(r, "redelivered", 0) for r in lines) == s["redelivered"]
+    counts = [getattr(r, "redelivered", 0) for r in lines]  # rate-limited: at most the total
+    assert all(n > 0 for n in counts) and sum(counts) <= s["redelivered"], (counts, s)
 
 
 # -- the service's stop line ------------------------------------------------------------------
