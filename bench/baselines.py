@@ -18,6 +18,7 @@ from typing import Any
 
 from engine.stress.ringdemo import (
     RingResult,
+    Side,
     Workload,
     check_ids,
     fork_safe_context,
@@ -31,62 +32,79 @@ FIFO_BYTES = 1 << 22  # faster-fifo's circular buffer: the same 4 MiB the ring g
 FIFO_TIMEOUT_S = 60.0  # per blocking call; the harness bounds the whole run anyway
 
 
-def _per_put_producer(work: Workload, q: Any, barrier: Any) -> int:
+def _per_put_producer(work: Workload, q: Any, barrier: Any) -> Side:
     """One put per message: what a naive multiprocessing design does."""
     templates = make_templates(work)
     put = q.put
     barrier.wait()
     start = time.monotonic_ns()
+    sent = written = 0
     for msgs in stamped(templates, work.messages):
         for m in msgs:
-            put(encode(m))
-    return start
+            item = encode(m)
+            put(item)
+            written += len(item)
+        sent += len(msgs)
+    return Side(start, sent, written)
 
 
-def _per_put_consumer(work: Workload, q: Any, barrier: Any) -> int:
+def _per_put_consumer(work: Workload, q: Any, barrier: Any) -> Side:
     get = q.get
     barrier.wait()
-    expected = 0
+    expected = read = 0
     while expected < work.messages:
-        expected = check_ids([decode(get())], expected)
-    return time.monotonic_ns()
+        item = get()
+        expected = check_ids([decode(item)], expected)
+        read += len(item)
+    return Side(time.monotonic_ns(), expected, read)
 
 
-def _batched_producer(work: Workload, q: Any, barrier: Any) -> int:
+def _batched_producer(work: Workload, q: Any, barrier: Any) -> Side:
     """One put per encoded batch: the same framing the ring uses."""
     templates = make_templates(work)
     barrier.wait()
     start = time.monotonic_ns()
+    sent = written = 0
     for msgs in stamped(templates, work.messages):
-        q.put(encode_batch(msgs))
-    return start
+        frame = encode_batch(msgs)
+        q.put(frame)
+        sent += len(msgs)
+        written += len(frame)
+    return Side(start, sent, written)
 
 
-def _batched_consumer(work: Workload, q: Any, barrier: Any) -> int:
+def _batched_consumer(work: Workload, q: Any, barrier: Any) -> Side:
     barrier.wait()
-    expected = 0
+    expected = read = 0
     while expected < work.messages:
-        expected = check_ids(decode_batch(q.get()), expected)
-    return time.monotonic_ns()
+        frame = q.get()
+        expected = check_ids(decode_batch(frame), expected)
+        read += len(frame)
+    return Side(time.monotonic_ns(), expected, read)
 
 
-def _fifo_producer(work: Workload, q: Any, barrier: Any) -> int:
+def _fifo_producer(work: Workload, q: Any, barrier: Any) -> Side:
     """put_many of one encoded message per item, ``batch`` items per call."""
     templates = make_templates(work)
     barrier.wait()
     start = time.monotonic_ns()
+    sent = written = 0
     for msgs in stamped(templates, work.messages):
-        q.put_many([encode(m) for m in msgs], timeout=FIFO_TIMEOUT_S)
-    return start
+        items = [encode(m) for m in msgs]
+        q.put_many(items, timeout=FIFO_TIMEOUT_S)
+        sent += len(items)
+        written += sum(map(len, items))
+    return Side(start, sent, written)
 
 
-def _fifo_consumer(work: Workload, q: Any, barrier: Any) -> int:
+def _fifo_consumer(work: Workload, q: Any, barrier: Any) -> Side:
     barrier.wait()
-    expected = 0
+    expected = read = 0
     while expected < work.messages:
         items = q.get_many(timeout=FIFO_TIMEOUT_S, max_messages_to_get=work.batch * 16)
         expected = check_ids([decode(b) for b in items], expected)
-    return time.monotonic_ns()
+        read += sum(map(len, items))
+    return Side(time.monotonic_ns(), expected, read)
 
 
 def measure_mpqueue_per_put(

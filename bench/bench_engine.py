@@ -10,7 +10,8 @@ a third side, the machine's ceiling: bare processes calling the handler.  pytest
 time column is a whole round (engine start and stop included): compare msgs/s.
 
 ``test_latency`` offers 50,000 msgs/s (50 messages every 1 ms tick) and reports
-the engine's submit -> handler-start percentiles and each worker's RSS.
+the engine's submit -> handler-start percentiles and each worker's RSS; it checks
+that the histogram covers every message and its percentiles are in order.
 
 Speed is reported, never asserted; the tests assert only that every message
 was delivered (delivered == submitted, in_flight == 0, nothing dead-lettered or
@@ -470,3 +471,17 @@ def test_latency(benchmark: BenchmarkFixture, engine_summary: EngineSummary) -> 
         f" (histogram count {lat['count']} of {run.messages}); worker RSS MiB"
         f" {_mib(run.rss_steady_bytes)}"
     )
+    check_latency_run(run, round(LATENCY_RATE * seconds))
+
+
+def check_latency_run(run: LatencyRun, messages: int) -> None:
+    """What the figures must satisfy to mean anything: a start latency recorded for every
+    message (no delivery missing from the histogram), percentiles in order and positive,
+    and a memory figure for every worker, under load and after."""
+    lat = run.latency_start_s
+    assert run.messages == messages, run
+    assert lat["count"] == messages, f"start latency of {lat['count']} of {messages} messages"
+    assert 0 < lat["p50"] <= lat["p95"] <= lat["p99"] <= lat["max"], lat
+    assert run.offered_msgs_per_s > 0 and run.max_tick_lag_s >= 0, run
+    for rss in (run.rss_steady_bytes, run.rss_after_bytes):
+        assert len(rss) == WORKERS and all(r > 0 for r in rss), rss

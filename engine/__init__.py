@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, Any
 from engine.batches import BatchRequest, BatchResult, BatchResults
 from engine.config import Config, ConfigError
 from engine.errors import (
+    DrainTimeout,
     EngineClosed,
     EngineError,
     EngineStartError,
@@ -33,6 +34,7 @@ __all__ = [
     "BatchResults",
     "Config",
     "ConfigError",
+    "DrainTimeout",
     "Engine",
     "EngineClosed",
     "EngineError",

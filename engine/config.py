@@ -113,6 +113,10 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     mock_success_rate: Annotated[
         float, Meta(ge=0, le=1, description="Share of mock deliveries that succeed.")
     ] = 1.0
+    mock_record_dir: Annotated[
+        str,
+        Meta(description="Mock sink: directory of per-worker files of delivered ids; empty = off."),
+    ] = ""
     inbox_dir: Annotated[str, Meta(description="Directory of the inbox sink.")] = ""
     dlq_max: Annotated[int, Meta(ge=0, le=10**7, description="Dead letters kept.")] = 10000
     dlq_path: Annotated[str, Meta(description="Dead-letter JSON-lines file; empty = off.")] = ""

@@ -8,6 +8,7 @@ __all__ = [
     "AuthenticationError",
     "CodecError",
     "ConnectionLost",
+    "DrainTimeout",
     "EngineClosed",
     "EngineError",
     "EngineStartError",
@@ -56,6 +57,20 @@ class EngineStartError(EngineError):
 
 class EngineClosed(EngineError):
     """Raised when a message is submitted to an engine that is not running."""
+
+
+class DrainTimeout(EngineError):
+    """Raised on leaving ``async with Engine(...)`` / ``with Engine(...)`` when the stop
+    abandoned messages (submitted, never settled): the drain ran out of time, or the
+    engine was stopped fast.  ``Engine(..., abandon_ok=True)`` accepts that instead."""
+
+    def __init__(self, abandoned: int, reason: str) -> None:
+        self.abandoned = abandoned
+        super().__init__(
+            f"{abandoned} submitted messages were abandoned unsettled ({reason}); "
+            "raise ENGINE_SHUTDOWN_TIMEOUT_S, drain before leaving, or pass "
+            "Engine(..., abandon_ok=True) to accept the loss"
+        )
 
 
 class ServiceError(EngineError):

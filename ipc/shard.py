@@ -27,6 +27,7 @@ SLOT_FRAME_END = 2
 SLOT_INDEX = 3
 # 4: unused (was the message id, never read)
 SLOT_PID = 5  # the worker process attached now: a new monitor waits for it to be gone
+SLOT_PID_START = 6  # its start time in ms (psutil create_time): a pid read later may be reused
 
 
 @dataclass(frozen=True)

@@ -6,27 +6,32 @@ Segments are plain files in /dev/shm opened with ``os.open`` and mapped with
 started its own tracker exits (cpython#82300), which would destroy a ring the
 moment a respawned worker dies.  Only the creating engine ever unlinks.
 
-Names are ``ringway-<pid>-<token>-<ring>``: the pid lets a new engine recognise
-and remove the segments of an engine that died without cleaning up.
+Names are ``ringway-<pid>-<token>-<ring>``.  Each engine also holds an ``flock``
+on its ``<prefix>lock`` file for its whole life (`EngineLock`); the kernel drops
+the lock when the last process holding it exits, however it exits.  A new engine
+removes the segments of another only when it can take that lock: the proof that
+nobody uses them, also for an engine in another PID namespace sharing this
+/dev/shm, whose pid means nothing here.  Segments without a lock file (an older
+version's, or no engine's) are never swept.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import mmap
 import os
 import re
 import secrets
 from dataclasses import dataclass, field
 
-import psutil
-
 from ipc.errors import ShmError, ShmSpaceError
 
 SHM_DIR = "/dev/shm"
 PREFIX = "ringway-"
-_NAME_RE = re.compile(r"^ringway-(\d+)-([0-9a-f]+)-[A-Za-z0-9_.-]+$")
+LOCK_NAME = "lock"  # <prefix>lock: the engine's lock file
+_NAME_RE = re.compile(r"^(ringway-\d+-[0-9a-f]+-)([A-Za-z0-9_.-]+)$")
 
 
 def new_engine_prefix() -> str:
@@ -143,40 +148,100 @@ class Segment:
         self.close()
 
 
-def _engine_alive(pid: int, seg_path: str) -> bool:
-    """True if the process that named this segment may still be using it."""
+class EngineLock:
+    """An exclusive ``flock`` on ``<prefix>lock``, held from before the first segment is
+    made until after the last is unlinked: while it is held, the prefix's segments are live.
+    """
+
+    def __init__(self, path: str, fd: int) -> None:
+        self.path = path
+        self._fd = fd
+
+    @classmethod
+    def acquire(cls, prefix: str, shm_dir: str = SHM_DIR) -> EngineLock:
+        """Create the lock file already locked: it never exists unlocked while we live.
+
+        An unnamed file (O_TMPFILE) is locked first and then linked under its
+        name, so a sweep can never find it free between creation and ``flock``.
+        """
+        path = os.path.join(shm_dir, prefix + LOCK_NAME)
+        try:
+            fd = os.open(shm_dir, os.O_TMPFILE | os.O_RDWR | os.O_CLOEXEC, 0o600)
+        except OSError as exc:
+            raise ShmError(f"cannot create the engine lock file in {shm_dir}: {exc}") from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            # linkat(AT_SYMLINK_FOLLOW) of /proc/self/fd/N: Python uses plain link()
+            # unless a dir fd is given, and that would link the symlink itself.
+            fds = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            try:
+                os.link(str(fd), path, src_dir_fd=fds, follow_symlinks=True)
+            finally:
+                os.close(fds)
+        except OSError as exc:
+            os.close(fd)
+            raise ShmError(f"cannot create the engine lock file {path}: {exc}") from exc
+        return cls(path, fd)
+
+    def release(self) -> None:
+        """Unlink the lock file, then let the lock go.  Safe to call twice."""
+        if self._fd < 0:
+            return
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(self.path)
+        os.close(self._fd)
+        self._fd = -1
+
+
+def _take_free_lock(path: str) -> int | None:
+    """A descriptor holding ``path``'s lock if no process held it; None if one does."""
     try:
-        proc = psutil.Process(pid)
-        started = proc.create_time()
-    except psutil.NoSuchProcess:
-        return False
-    except psutil.Error:
-        return True  # cannot tell (permissions): assume alive, never delete blindly
-    try:
-        made = os.stat(seg_path).st_mtime
+        fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
     except FileNotFoundError:
-        return True
-    # A recycled pid belongs to a process started after the segment was made.
-    return bool(started <= made + 1.0)
+        return None  # released by its owner meanwhile: it is cleaning up itself
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def sweep_stale_segments(shm_dir: str = SHM_DIR) -> list[str]:
-    """Unlink segments left by engines that died; returns the names removed."""
+    """Unlink the segments (and lock file) of engines whose lock is free; returns the names.
+
+    Only a free lock proves an engine dead: a pid that does not exist here may
+    be a live engine in another PID namespace sharing this /dev/shm.
+    """
     removed: list[str] = []
     try:
         names = os.listdir(shm_dir)
     except FileNotFoundError:
         return removed
+    groups: dict[str, list[str]] = {}
     for name in names:
         m = _NAME_RE.match(name)
-        if m is None:
+        if m is not None:
+            groups.setdefault(m.group(1), []).append(name)
+    for prefix, members in groups.items():
+        lock = prefix + LOCK_NAME
+        if lock not in members:
+            continue  # no lock file: nothing proves its owner dead
+        fd = _take_free_lock(os.path.join(shm_dir, lock))
+        if fd is None:
             continue
-        path = os.path.join(shm_dir, name)
-        if _engine_alive(int(m.group(1)), path):
-            continue
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-            removed.append(name)
+        try:
+            # The lock file last: until it is gone, a crash here leaves a set the
+            # next sweep still recognises.
+            for name in sorted(members, key=lambda n: n == lock):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(os.path.join(shm_dir, name))
+                    removed.append(name)
+        finally:
+            os.close(fd)
     return removed
 
 

@@ -34,10 +34,10 @@ def add_service_commands(sub: argparse._SubParsersAction[Any]) -> None:
     serve = sub.add_parser(
         "serve",
         help="run the service: dispatcher, workers, monitor, TCP and HTTP ingress",
-        description="Run Ringway as a service until SIGTERM/SIGINT (a second one stops at "
-        "once). SIGHUP restarts the workers one at a time, re-importing the handler. The "
-        "handler comes from --handler module:function (ENGINE_HANDLER) or a sink from "
-        "--sink mock|inbox|null (ENGINE_SINK).",
+        description="Run Ringway as a service until SIGTERM/SIGINT (a second one, 0.5 s or "
+        "more after the first, stops at once). SIGHUP restarts the workers one at a time, "
+        "re-importing the handler. The handler comes from --handler module:function "
+        "(ENGINE_HANDLER) or a sink from --sink mock|inbox|null (ENGINE_SINK).",
     )
     serve.add_argument(
         "--demo",

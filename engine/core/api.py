@@ -49,6 +49,7 @@ class EngineAPI:
     config: Config
     cache: ResponseCache  # cacheable requests' answers (engine.core.cache)
     dedup: DedupWindow | None  # dedup_keys seen (engine.core.dedup); None when the window is 0
+    abandoned: int  # set by Engine.stop
 
     def _dispatcher(self) -> Dispatcher:
         if self.dispatcher is None or self.dispatcher.closed:
@@ -421,7 +422,7 @@ class EngineAPI:
         if d is None:
             raise EngineClosed("the engine was never started")
         sup = self.supervisor
-        stats = build_stats(d, sup.report, sup.proc, sup.restarts)
+        stats = build_stats(d, sup.report, sup.proc, sup.restarts, self.abandoned)
         stats["monitor"]["error"] = sup.error
         stats["cache"] = self.cache.stats()
         dedup = self.dedup

@@ -37,6 +37,7 @@ class DeadLetterStore:
         self.dropped = 0
         self.file_errors = 0
         self.path = path
+        self.closed = False
         self._anonymous = 0
 
     def add(self, dl: DeadLetter) -> bool:
@@ -73,9 +74,21 @@ class DeadLetterStore:
         return len(self._items)
 
     def close(self) -> None:
+        """Close the mirror; without one, say how many letters die with the process."""
+        if self.closed:
+            return
+        self.closed = True
         if self._file is not None:
             self._file.close()
             self._file = None
+        elif self._items and not self.path:
+            log.warning(
+                "discarding %d dead letters kept in memory: set ENGINE_DLQ_PATH to keep "
+                "them in a file, or read them (dead_letters(), GET /v1/dead-letters) "
+                "before stopping",
+                len(self._items),
+                extra={"dead_letters": len(self._items)},
+            )
 
 
 def view(dl: DeadLetter) -> DeadLetterView:

@@ -13,6 +13,7 @@ a worker.  This module holds the lifecycle; the message API is the base class
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -23,22 +24,31 @@ from engine.core.dedup import DedupWindow
 from engine.core.dispatcher import Dispatcher
 from engine.core.supervisor import MonitorSupervisor
 from engine.core.sync import LoopThread, SyncEngine
-from engine.errors import EngineError
+from engine.errors import DrainTimeout, EngineError
 from ipc.codec import Message, Priority
 from ipc.control import MonitorReport
 from ipc.shard import EngineWakeups, ShardMemory, shard_bytes
-from ipc.shm import check_shm_space, new_engine_prefix, sweep_stale_segments
+from ipc.shm import EngineLock, check_shm_space, new_engine_prefix, sweep_stale_segments
 
 T = TypeVar("T")
 Handler = str | Callable[[Message], Any] | None
+log = logging.getLogger("engine")
 
 
 class Engine(EngineAPI):
     """A running Ringway engine: dispatcher here, a monitor process, N worker processes."""
 
-    def __init__(self, handler: Handler = None, config: Config | None = None) -> None:
+    def __init__(
+        self, handler: Handler = None, config: Config | None = None, *, abandon_ok: bool = False
+    ) -> None:
         self.handler = handler
         self.config = config if config is not None else Config.from_env()
+        # Leaving ``async with`` / ``with`` raises DrainTimeout when the stop abandoned
+        # messages, unless the caller accepts that loss here.
+        self.abandon_ok = abandon_ok
+        self.abandoned = 0  # submitted and never settled when the engine stopped
+        self._stop_reason = ""
+        self.lock: EngineLock | None = None
         self.shards: list[ShardMemory] = []
         self.wakeups: EngineWakeups | None = None
         self.dispatcher: Dispatcher | None = None
@@ -74,8 +84,11 @@ class Engine(EngineAPI):
         sweep_stale_segments()
         check_shm_space(cfg.workers * shard_bytes(cfg.ring_bytes, cfg.return_ring_bytes))
         prefix = new_engine_prefix()
-        self.wakeups = EngineWakeups.create()
+        # Held before the first segment exists and until the last is gone: the proof,
+        # for another engine's sweep, that these segments are in use (ipc.shm).
+        self.lock = EngineLock.acquire(prefix)
         try:
+            self.wakeups = EngineWakeups.create()
             for i in range(cfg.workers):
                 self.shards.append(
                     ShardMemory.create(
@@ -97,21 +110,39 @@ class Engine(EngineAPI):
         self._dispatcher()
         self.supervisor.reload()
 
-    async def stop(self, timeout: float | None = None, *, fast: bool = False) -> None:
+    async def stop(self, timeout: float | None = None, *, fast: bool = False) -> int:
         """Stop accepting, drain within the shutdown timeout, stop processes, unlink memory.
 
         ``fast`` skips the drain and kills the workers instead of letting them
         settle what they hold (a second Ctrl-C); unsettled messages are then lost.
+        Returns how many messages were abandoned (submitted, never settled), also
+        in ``stats()["abandoned"]`` and logged at ERROR when not 0.
         """
         if self.dispatcher is None or self.supervisor.stopping:
-            return
+            return self.abandoned
         wait = self.config.shutdown_timeout_s if timeout is None else timeout
+        monitor_up = self.monitor is not None and self.monitor.exitcode is None
+        self._stop_reason = "the stop was interrupted"
         try:
-            if not fast and self.monitor is not None and self.monitor.exitcode is None:
-                await self.dispatcher.drain(wait)
+            if fast:
+                self._stop_reason = "fast stop"
+            elif not monitor_up:
+                self._stop_reason = f"the monitor was down: {self.monitor_error or 'it exited'}"
+            elif await self.dispatcher.drain(wait):
+                self._stop_reason = "the workers did not settle them after the drain"
+            else:
+                self._stop_reason = f"the drain timed out after {wait:g}s"
         finally:
             self.dispatcher.closed = True
             await self._teardown(fast)
+        if self.abandoned:
+            log.error(
+                "stopped with %d unsettled messages abandoned (%s)",
+                self.abandoned,
+                self._stop_reason,
+                extra={"abandoned": self.abandoned},
+            )
+        return self.abandoned
 
     async def _teardown(self, fast: bool = False) -> None:
         """Stop the monitor (and so the workers), then release every segment and fd."""
@@ -119,7 +150,13 @@ class Engine(EngineAPI):
             await self.supervisor.stop(fast)
         finally:
             if self.dispatcher is not None:
-                self.dispatcher.close()
+                try:
+                    # What the workers settled while they stopped is on the return
+                    # rings still: read it before counting what was abandoned.
+                    self.dispatcher.returns.on_returns()
+                finally:
+                    self.abandoned = self.dispatcher.in_flight()
+                    self.dispatcher.close()
                 # Let cancelled flushes unwind before their rings are unmapped below.
                 await asyncio.gather(*self.dispatcher.tasks, return_exceptions=True)
             for shard in self.shards:
@@ -129,21 +166,35 @@ class Engine(EngineAPI):
             if self.wakeups is not None:
                 self.wakeups.close()
                 self.wakeups = None
+            if self.lock is not None:
+                self.lock.release()  # last: every segment is unlinked by now
+                self.lock = None
+
+    def _check_abandoned(self, leaving_on_error: bool) -> None:
+        """Raise DrainTimeout on leaving the ``with`` block if messages were abandoned.
+
+        Not over an exception already leaving the block (the ERROR line has the
+        count), and not when the caller passed ``abandon_ok=True``.
+        """
+        if self.abandoned and not self.abandon_ok and not leaving_on_error:
+            raise DrainTimeout(self.abandoned, self._stop_reason)
 
     async def __aenter__(self) -> Engine:
         await self.start()
         return self
 
-    async def __aexit__(self, *exc: object) -> None:
+    async def __aexit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         await self.stop()
+        self._check_abandoned(exc_type is not None)
 
     # -- sync facade -------------------------------------------------------------
     def __enter__(self) -> SyncEngine:
         self._host.start(self.start)
         return SyncEngine(self, self._host)
 
-    def __exit__(self, *exc: object) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *exc: object) -> None:
         self._host.stop(self.stop)
+        self._check_abandoned(exc_type is not None)
 
     def call(self, coro: Coroutine[Any, Any, T]) -> T:
         """Run ``coro`` on the engine's loop thread and wait for it (sync facade)."""

@@ -27,7 +27,7 @@ from engine.config import Config
 from engine.core.recycling import Recycler, jittered
 from engine.core.worker_slot import WorkerSlot
 from engine.exitcodes import ChildExit
-from engine.procutil import die_with_parent
+from engine.procutil import WORKER_STOP, die_with_parent, ignore_group_signals
 from engine.worker.main import worker_main
 from engine.worker.state import WORKER_COUNTERS
 from ipc.control import (
@@ -163,7 +163,7 @@ class Monitor:
             age = now - slot.last_beat_at
             if slot.kill_sent_at == 0.0 and age > self.config.stall_timeout_s:
                 slot.kill_sent_at = now
-                slot.signal(signal.SIGTERM)
+                slot.signal(WORKER_STOP)  # it stops at once if its loop runs again in time
             elif slot.kill_sent_at and now - slot.kill_sent_at > KILL_GRACE_S:
                 slot.signal(signal.SIGKILL)
 
@@ -218,7 +218,6 @@ class Monitor:
 
     # -- main loop -----------------------------------------------------------------
     def run(self) -> int:
-        signal.signal(signal.SIGINT, signal.SIG_IGN)  # the dispatcher decides when to stop
         if not self.boot():
             self.stop_all(graceful=False)
             return ChildExit.BOOT_FAILED
@@ -273,7 +272,7 @@ class Monitor:
         self.stopping = True
         live = [s for s in self.slots if s.proc is not None]
         for slot in live:
-            slot.signal(signal.SIGTERM if graceful else signal.SIGKILL)
+            slot.signal(WORKER_STOP if graceful else signal.SIGKILL)
         deadline = time.monotonic() + (self.config.shutdown_timeout_s + 2 if graceful else 5)
         for slot in live:
             slot.proc.join(max(0.0, deadline - time.monotonic()))
@@ -296,6 +295,11 @@ def monitor_main(
     to it (multiprocessing's exit handler would wait for them for ever): print the
     error, kill the workers and exit, so the dispatcher sees the exit and restarts us.
     """
+    # The group's SIGTERM/SIGINT/SIGHUP are the dispatcher's to act on: it drains, then
+    # sends "stop".  Blocked since the fork (`group_signals_blocked`), ignored from here.
+    ignore_group_signals()
+    # Forked workers inherit the block and lift it once their handler is installed.
+    signal.pthread_sigmask(signal.SIG_BLOCK, {WORKER_STOP})
     die_with_parent(dispatcher_pid)
     monitor = Monitor(specs, config, handler, conn)
     try:

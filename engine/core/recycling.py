@@ -3,18 +3,18 @@
 Apart from the monitor's loop because it is one policy with state of its own
 (the queue of requested restarts): which worker to restart when, so that
 capacity never drops by more than one worker during a reload.  A restarted
-worker gets SIGTERM, its graceful stop: it fetches nothing more, settles what
-it holds and exits 0; the loop then respawns it like any other.
+worker gets WORKER_STOP (SIGUSR1), its graceful stop: it fetches nothing more,
+settles what it holds and exits 0; the loop then respawns it like any other.
 """
 
 from __future__ import annotations
 
 import random
-import signal
 from typing import Any
 
 from engine.config import Config
 from engine.core.worker_slot import WorkerSlot
+from engine.procutil import WORKER_STOP
 from ipc.control import WorkerRecycled, send_control
 
 RELOAD = "reload"  # the recycle reason of a rolling restart (SIGHUP, Engine.reload)
@@ -75,8 +75,8 @@ class Recycler:
             slot.recycle_pid = slot.pid
             slot.recycled += 1
             send_control(self.conn, WorkerRecycled(worker=index, pid=slot.pid, reason=reason))
-            # SIGTERM is the worker's graceful stop: fetch nothing more, settle, exit 0.
-            slot.signal(signal.SIGTERM)
+            # The worker's graceful stop: fetch nothing more, settle, exit 0.
+            slot.signal(WORKER_STOP)
             busy = busy or rolling
 
 

@@ -17,6 +17,7 @@ from typing import Any
 from engine.config import Config
 from engine.core.deadletters import DeadLetterStore
 from engine.errors import CodecError, EngineClosed, RequestFailed
+from engine.logs import LogLimiter, suppressed_note
 from ipc.records import (
     DeadLetter,
     FrameDone,
@@ -29,6 +30,7 @@ from ipc.ring import RingConsumer
 from ipc.shard import LANES, EngineWakeups, ShardMemory
 
 log = logging.getLogger("engine.dispatcher")
+REDELIVERY_LOG_INTERVAL_S = 5.0  # a respawn redelivers frame by frame: one line per worker
 
 
 class Returns:
@@ -53,6 +55,7 @@ class Returns:
         self.provisional: list[list[DeadLetter]] = [[] for _ in shards]
         self.settled_event = asyncio.Event()
         self.progress_event = asyncio.Event()  # replaced and set whenever a frame settles
+        self.redelivery_log = LogLimiter(REDELIVERY_LOG_INTERVAL_S)
         self.loop = asyncio.get_running_loop()
         self.loop.add_reader(wakeups.return_ready.fd, self.on_returns)
 
@@ -107,6 +110,18 @@ class Returns:
             # else: its frame was reported settled before; this is a redelivery's echo
         elif isinstance(rec, Redelivered):
             self.counts["redelivered"] += rec.count
+            held = self.redelivery_log.allow(shard)
+            if held is not None:
+                # Never silent: the handler sees these messages a second time.
+                log.warning(
+                    "worker %d delivers again %d messages that a previous worker process "
+                    "fetched and never settled (at least once; %d redelivered in all)%s",
+                    shard,
+                    rec.count,
+                    self.counts["redelivered"],
+                    suppressed_note(held),
+                    extra={"worker": shard, "redelivered": rec.count},
+                )
         elif isinstance(rec, WorkerStarted):
             # The previous worker died before reporting these letters' frames: those
             # frames are delivered again, and the new outcomes are the ones that count.

@@ -28,7 +28,11 @@ def latency(h: Histogram) -> dict[str, float | int]:
 
 
 def build_stats(
-    d: Dispatcher, report: MonitorReport | None, monitor: Any, monitor_restarts: int
+    d: Dispatcher,
+    report: MonitorReport | None,
+    monitor: Any,
+    monitor_restarts: int,
+    abandoned: int = 0,
 ) -> dict[str, Any]:
     c = d.counts
     worker_counts = report.counters if report is not None else {}
@@ -47,6 +51,7 @@ def build_stats(
         "dead_lettered": c["dead_lettered"],
         "expired": c["expired"],
         "in_flight": d.in_flight(),
+        "abandoned": abandoned,  # in flight when the engine stopped: lost (Engine.stop)
         "failed_attempts": worker_counts.get("failed_attempts", 0),
         "retried": worker_counts.get("retried", 0),
         "redelivered": c["redelivered"],

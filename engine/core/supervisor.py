@@ -16,12 +16,10 @@ import os
 import signal
 from typing import Any
 
-import psutil
-
 from engine.backoff import backoff_s
 from engine.config import Config
 from engine.errors import EngineClosed, EngineStartError
-from engine.procutil import context
+from engine.procutil import context, group_signals_blocked, is_same_process, signal_if_same
 from ipc.control import (
     Command,
     MonitorReport,
@@ -31,7 +29,7 @@ from ipc.control import (
     recv_control,
     send_control,
 )
-from ipc.shard import SLOT_PID, ShardMemory
+from ipc.shard import SLOT_PID, SLOT_PID_START, ShardMemory
 
 MONITOR_RESTART_LIMIT = 5
 log = logging.getLogger("engine")
@@ -72,7 +70,8 @@ class MonitorSupervisor:
             args=([s.spec for s in self.shards], self.config, self.handler, there, os.getpid()),
             name="ringway-monitor",
         )
-        proc.start()
+        with group_signals_blocked():  # until the monitor ignores them itself
+            proc.start()
         there.close()
         self.proc, self.conn = proc, here
         loop.add_reader(here.fileno(), self._on_message)
@@ -142,13 +141,16 @@ class MonitorSupervisor:
     async def _restart(self) -> None:
         """Start a new monitor once every worker of the dead one is gone (one consumer per ring)."""
         self.conn.close()
-        pids = [int(s.slot_idx[SLOT_PID]) for s in self.shards]
+        # The old workers are no children of ours, and once their monitor is gone
+        # anyone may reap them: a pid is theirs only while its start time matches.
+        workers = [
+            (int(s.slot_idx[SLOT_PID]), int(s.slot_idx[SLOT_PID_START])) for s in self.shards
+        ]
         deadline = asyncio.get_running_loop().time() + 10
-        while any(_running(pid) for pid in pids):
+        while any(is_same_process(pid, stamp) for pid, stamp in workers):
             if asyncio.get_running_loop().time() > deadline:
-                for pid in pids:
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(pid, signal.SIGKILL)
+                for pid, stamp in workers:
+                    signal_if_same(pid, stamp, signal.SIGKILL)
             await asyncio.sleep(0.01)
         try:
             await self._start()
@@ -195,13 +197,3 @@ class MonitorSupervisor:
                 if isinstance(msg, MonitorReport):
                     self.report = msg
         conn.close()
-
-
-def _running(pid: int) -> bool:
-    """True while ``pid`` is a live (not zombie) process."""
-    if pid <= 0:
-        return False
-    try:
-        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False

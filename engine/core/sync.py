@@ -59,7 +59,7 @@ class LoopThread:
             self.thread.join()
             raise failure[0]
 
-    def stop(self, stop: Callable[[], Coroutine[Any, Any, None]]) -> None:
+    def stop(self, stop: Callable[[], Coroutine[Any, Any, object]]) -> None:
         """Run ``stop()`` on the loop, then end the loop and its thread."""
         loop, thread = self.loop, self.thread
         if loop is None or thread is None:

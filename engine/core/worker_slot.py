@@ -76,9 +76,16 @@ class WorkerSlot:
             self.ps = None
 
     def signal(self, sig: int) -> None:
-        """Send ``sig`` to the slot's process, unless it is already gone."""
+        """Send ``sig`` to the slot's process, unless it is already gone.
+
+        Only while ``proc`` is set: until the monitor reaps its child, the pid
+        cannot name another process; once reaped, ``pid`` is history and may
+        belong to anyone, so nothing is sent.
+        """
+        if self.proc is None:
+            return
         with contextlib.suppress(ProcessLookupError):
-            os.kill(self.pid, sig)
+            os.kill(self.proc.pid, sig)
 
     def died(self, code: int, now: float, poison_max_crashes: int) -> str:
         """Account for the death of the slot's process (exit ``code``); schedule the respawn.

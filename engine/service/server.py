@@ -4,8 +4,11 @@ Signal handlers only set flags; the main coroutine acts on them (as gunicorn's
 arbiter does).  SIGTERM or SIGINT: stop accepting, drain within
 ENGINE_SHUTDOWN_TIMEOUT_S, stop every process, unlink the rings, exit 0.  A
 second one: fast stop (workers killed, unsettled messages abandoned and
-counted in the log).  SIGHUP: a rolling restart of the workers, which
-re-imports a ``module:function`` handler and loses nothing.
+counted in the log), unless it comes within SAME_STOP_WINDOW_S of the first:
+``timeout`` signals the process and then its group, so one stop arrives twice.
+SIGHUP: a rolling restart of the workers, which re-imports a
+``module:function`` handler and loses nothing.  Only this process acts on
+signals: the monitor and the workers ignore the group's (engine.procutil).
 """
 
 from __future__ import annotations
@@ -30,6 +33,8 @@ from engine.service.users import Users
 
 log = logging.getLogger("engine.service")
 HTTP_SHUTDOWN_S = 2.0  # after the drain, open HTTP requests get this long to finish
+SAME_STOP_WINDOW_S = 0.5  # a second stop signal sooner than this is the first one repeated
+STOP_OUTCOMES = ("submitted", "delivered", "dead_lettered", "expired", "redelivered", "abandoned")
 
 
 def check_bind(config: Config) -> None:
@@ -72,6 +77,7 @@ class Service:
         self.fast = asyncio.Event()
         self.reloads = 0
         self.signals = 0
+        self._stop_signal_at = 0.0  # loop time of the first stop signal
 
     # -- views used by the HTTP routes ---------------------------------------------
     def service_counts(self) -> dict[str, int]:
@@ -172,12 +178,22 @@ class Service:
 
     def _on_stop_signal(self, sig: int) -> None:
         self.signals += 1
-        if self.stop_requested.is_set():
-            log.warning("second %s: fast stop", signal.Signals(sig).name)
-            self.fast.set()
-        else:
-            log.info("%s: draining, then stopping", signal.Signals(sig).name)
+        name = signal.Signals(sig).name
+        now = asyncio.get_running_loop().time()
+        if not self.stop_requested.is_set():
+            self._stop_signal_at = now
+            log.info("%s: draining, then stopping", name)
             self.stop_requested.set()
+        elif now - self._stop_signal_at < SAME_STOP_WINDOW_S:
+            # `timeout` sends its signal to the service and then to the whole group.
+            log.info(
+                "%s again within %gs of the first: the same stop (one more later stops fast)",
+                name,
+                SAME_STOP_WINDOW_S,
+            )
+        else:
+            log.warning("second %s: fast stop", name)
+            self.fast.set()
 
     def _on_hup(self) -> None:
         if self.stop_requested.is_set():
@@ -227,20 +243,18 @@ class Service:
             task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await drain
-        stats = self.engine.stats()
         if fast or not drained:
             # First: HTTP handlers waiting on settlement end when the engine closes,
             # and the HTTP cleanup below would otherwise wait for them.
             await self.engine.stop(0, fast=True)
         await self._close_servers(0)
         await self.engine.stop(0)
-        left = stats["in_flight"]
-        fields = {"submitted": stats["submitted"], "delivered": stats["delivered"]}
-        if left:
+        # After the stop: the engine's own count of what it abandoned (Engine.stop).
+        stats = self.engine.stats()
+        fields = {k: stats[k] for k in STOP_OUTCOMES}
+        if stats["abandoned"]:
             how = "fast stop" if fast else f"drain timed out after {cfg.shutdown_timeout_s}s"
-            log.error(
-                "stopped with unsettled messages (%s)", how, extra=fields | {"abandoned": left}
-            )
+            log.error("stopped with unsettled messages (%s)", how, extra=fields)
             return ExitCode.INTERRUPTED if fast else ExitCode.FAILURE
         log.info("stopped", extra=fields)
         return ExitCode.OK

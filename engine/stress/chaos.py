@@ -9,7 +9,6 @@ could already belong to an unrelated process on a shared machine.
 from __future__ import annotations
 
 import asyncio
-import os
 import random
 import signal
 import time
@@ -20,12 +19,14 @@ from engine import Engine
 from engine.stress.metrics import MetricsCollector
 
 
-def _is_worker(pid: int, monitor_pid: int) -> bool:
+def _worker(pid: int, monitor_pid: int) -> psutil.Process | None:
+    """``pid`` as a psutil Process if it is a live child of the monitor, else None."""
     try:
         proc = psutil.Process(pid)
-        return proc.ppid() == monitor_pid and proc.status() != psutil.STATUS_ZOMBIE
+        ours = proc.ppid() == monitor_pid and proc.status() != psutil.STATUS_ZOMBIE
     except psutil.Error:
-        return False
+        return None  # gone, or not ours to look at: no victim
+    return proc if ours else None
 
 
 def kill_random_worker(eng: Engine, rng: random.Random) -> int | None:
@@ -34,15 +35,16 @@ def kill_random_worker(eng: Engine, rng: random.Random) -> int | None:
     if not monitor_pid:
         return None
     live: list[int] = [w["pid"] for w in eng.stats()["workers"] if w["alive"] and w["pid"] > 0]
-    candidates = [pid for pid in live if _is_worker(pid, monitor_pid)]
+    candidates = [p for p in (_worker(pid, monitor_pid) for pid in live) if p is not None]
     if not candidates:
         return None
-    pid = rng.choice(candidates)
+    victim = rng.choice(candidates)
     try:
-        os.kill(pid, signal.SIGKILL)
-    except ProcessLookupError:
+        # psutil checks the start time first: if the pid was reused since, nothing is sent.
+        victim.send_signal(signal.SIGKILL)
+    except psutil.NoSuchProcess:
         return None
-    return pid
+    return victim.pid
 
 
 async def chaos_loop(

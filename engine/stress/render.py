@@ -120,6 +120,11 @@ def summary_table(r: StressReport) -> Table:
             f" dead-lettered, {r.expired:,} expired, {r.in_flight:,} in flight, {r.lost:,} lost",
         ),
         (
+            "at the sink",
+            f"{r.sink.delivered:,} messages delivered in {r.sink.deliveries:,} deliveries"
+            f" ({r.sink.repeats:,} repeats, {r.redelivered:,} redelivered)",
+        ),
+        (
             "throughput",
             f"{r.throughput_msgs_per_s:,.0f} msg/s over {r.elapsed_s:.2f}s"
             f" (peak {r.peak_throughput_msgs_per_s:,.0f} msg/s; submitting took {r.submit_s:.2f}s)",

@@ -7,11 +7,19 @@ and a recipient) and the sampler's gauges.  Delivered per type or agent is
 generated minus dead-lettered minus expired; no TTL is set unless
 ENGINE_DEFAULT_TTL_S is, and expired messages cannot be attributed (the engine
 counts them, it does not return them), so any expiry fails the breakdown check.
+
+``lost`` is not taken from the engine's own counts (which cannot see a message
+lost inside it): the mock sink records the id of every delivery where it
+happens (ENGINE_MOCK_RECORD_DIR), and `reconcile` matches the ids the engine
+handed out for what was generated against those deliveries and the dead letters.
 """
 
 from __future__ import annotations
 
 import itertools
+from array import array
+from collections.abc import Iterable
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -96,6 +104,61 @@ class DeadLetterTally(msgspec.Struct, frozen=True, kw_only=True):
     by_reason: dict[str, int]
 
 
+class Reconciliation(msgspec.Struct, frozen=True, kw_only=True):
+    """The generated message ids against the deliveries seen by the mock sink and the
+    dead letters: counted where each happened, not taken from the engine's counters."""
+
+    generated: int  # ids the engine returned for what was generated
+    deliveries: int  # deliveries the sink accepted, repeats included
+    delivered: int  # generated messages the sink delivered at least once
+    repeats: int  # deliveries beyond the first of a message (at least once)
+    dead_lettered: int  # generated messages dead-lettered and never delivered
+    unaccounted: int  # generated messages neither delivered nor dead-lettered
+    unexpected: int  # delivered or dead-lettered ids that were never generated
+
+
+def read_delivered_ids(directory: Path) -> array[int]:
+    """Every id the mock sink recorded in ``directory`` (a torn tail is ignored)."""
+    ids: array[int] = array("Q")
+    for path in sorted(directory.glob("*.ids")):
+        data = path.read_bytes()
+        ids.frombytes(data[: len(data) - len(data) % ids.itemsize])
+    return ids
+
+
+def reconcile(
+    generated_ids: Iterable[int], delivered_ids: Iterable[int], dead_ids: Iterable[int]
+) -> Reconciliation:
+    """Mark each id generated, delivered, dead-lettered; count what each mark set holds."""
+    generated, delivered, dead = 1, 2, 4
+    state = bytearray()
+
+    def mark(ids: Iterable[int], bit: int) -> tuple[int, int]:
+        """Set ``bit`` on every id; (how many ids, how many were already set)."""
+        n = repeated = 0
+        for i in ids:
+            if i >= len(state):
+                state.extend(bytes(max(i + 1 - len(state), len(state))))
+            repeated += (state[i] & bit) != 0
+            state[i] |= bit
+            n += 1
+        return n, repeated
+
+    gen_n, _ = mark(generated_ids, generated)
+    deliveries, repeats = mark(delivered_ids, delivered)
+    mark(dead_ids, dead)
+    seen = (generated | delivered, generated | delivered | dead)
+    return Reconciliation(
+        generated=gen_n,
+        deliveries=deliveries,
+        delivered=sum(state.count(v) for v in seen),
+        repeats=repeats,
+        dead_lettered=state.count(generated | dead),
+        unaccounted=state.count(generated),
+        unexpected=sum(state.count(v) for v in (delivered, dead, delivered | dead)),
+    )
+
+
 class StressReport(msgspec.Struct, kw_only=True):
     """A stress run: totals, rates, latencies, breakdowns, processes, checks, time series."""
 
@@ -108,7 +171,10 @@ class StressReport(msgspec.Struct, kw_only=True):
     dead_lettered: int
     expired: int
     in_flight: int  # after the drain: 0 unless it timed out
-    lost: int  # generated - delivered - dead_lettered - expired - in_flight
+    # Generated, and neither delivered by the sink nor dead-lettered nor expired nor in
+    # flight: counted where deliveries happen (see `reconcile`), not by the engine.
+    lost: int
+    sink: Reconciliation  # the mock sink's deliveries against the generated ids
     drained: bool
     elapsed_s: float  # first submit to every message settled
     submit_s: float  # first submit to the last submit_many returning
@@ -161,6 +227,7 @@ def build_report(
     stats: dict[str, Any],
     tally: DeadLetterTally,
     metrics: MetricsCollector,
+    sink: Reconciliation,
     drained: bool,
     drain_timeout_s: float,
     elapsed_s: float,
@@ -171,7 +238,9 @@ def build_report(
     delivered, dead, expired = stats["delivered"], stats["dead_lettered"], stats["expired"]
     in_flight = stats["in_flight"]
     settled = delivered + dead + expired
-    lost = gen.generated - settled - in_flight
+    # Expired and unsettled messages carry no record (the sink never saw them): they are
+    # the only ones among the unaccounted that are not lost.
+    lost = sink.unaccounted - expired - in_flight
     by_type = {}
     for kind, n in gen.by_type.items():
         d = tally.by_type.get(kind, 0)
@@ -181,7 +250,7 @@ def build_report(
         d = tally.by_recipient.get(name, 0)
         by_agent[name] = AgentCounts(gen.sent[i], gen.received[i], gen.received[i] - d, d)
     checks = [
-        _conservation(gen.generated, stats, lost, drained, drain_timeout_s),
+        _conservation(gen.generated, stats, sink, lost, drained, drain_timeout_s),
         _breakdown(gen, stats, tally, by_type, by_agent),
     ]
 
@@ -200,6 +269,7 @@ def build_report(
         expired=expired,
         in_flight=in_flight,
         lost=lost,
+        sink=sink,
         drained=drained,
         elapsed_s=elapsed_s,
         submit_s=submit_s,
@@ -226,20 +296,36 @@ def build_report(
 
 
 def _conservation(
-    generated: int, stats: dict[str, Any], lost: int, drained: bool, drain_timeout_s: float
+    generated: int,
+    stats: dict[str, Any],
+    sink: Reconciliation,
+    lost: int,
+    drained: bool,
+    drain_timeout_s: float,
 ) -> Check:
-    """Every generated message was delivered, dead-lettered or expired; none lost or stuck."""
-    delivered, dead, expired = stats["delivered"], stats["dead_lettered"], stats["expired"]
-    in_flight, submitted = stats["in_flight"], stats["submitted"]
+    """Every generated message was delivered (as the sink saw it), dead-lettered or expired;
+    none lost or stuck; the engine's counts agree with what happened."""
+    delivered, expired, in_flight = stats["delivered"], stats["expired"], stats["in_flight"]
+    submitted, redelivered = stats["submitted"], stats["redelivered"]
     detail = (
-        f"generated {generated:,} = delivered {delivered:,} + dead-lettered {dead:,}"
-        f" + expired {expired:,}; in flight {in_flight:,}, lost {lost:,}"
+        f"generated {generated:,} = delivered {sink.delivered:,} (as the sink saw them; the"
+        f" engine counted {delivered:,}) + dead-lettered {sink.dead_lettered:,} + expired"
+        f" {expired:,} + in flight {in_flight:,} + lost {lost:,}; {sink.repeats:,} repeated"
+        f" deliveries"
     )
     problems = []
     if not drained:
         problems.append(f"the drain timed out after {drain_timeout_s:g}s")
     if submitted != generated:
         problems.append(f"the engine counted {submitted:,} submitted")
+    if sink.generated != generated:
+        problems.append(f"the engine returned {sink.generated:,} ids")
+    if sink.delivered < delivered:
+        problems.append(f"the engine counted {delivered - sink.delivered:,} deliveries never made")
+    if sink.repeats > redelivered:
+        problems.append(f"{sink.repeats:,} repeats but {redelivered:,} counted as redelivered")
+    if sink.unexpected:
+        problems.append(f"{sink.unexpected:,} ids delivered that were never generated")
     ok = not problems and lost == 0 and in_flight == 0
     return Check("conservation", ok, detail + "".join(f"; {p}" for p in problems))
 

@@ -20,15 +20,15 @@ from multiprocess.connection import wait as wait_any
 from ipc.codec import Message, decode_batch, encode_batch, now_ns, pack_payload
 from ipc.errors import EngineError
 from ipc.ring import Ring, RingConsumer, RingProducer, RingSpec
-from ipc.shm import new_engine_prefix
+from ipc.shm import EngineLock, new_engine_prefix
 from ipc.wake import EventFd
 
 TEMPLATES = 4  # distinct prebuilt batches, cycled so the encoder never sees one hot list
 CHILD_TIMEOUT_S = 600.0  # a measurement still running after this has hung
 WAKE_TIMEOUT_S = 1.0  # an idle consumer sleeps on the eventfd at most this long per wait
 
-Role = Callable[["Workload", Any, Any], int]
-"""One side of a measurement: ``role(workload, channel, barrier)`` -> monotonic ns."""
+Role = Callable[["Workload", Any, Any], "Side"]
+"""One side of a measurement: ``role(workload, channel, barrier)`` -> what it saw."""
 
 
 class Workload(msgspec.Struct, frozen=True):
@@ -39,14 +39,28 @@ class Workload(msgspec.Struct, frozen=True):
     payload_bytes: int = 100
 
 
+class Side(msgspec.Struct, frozen=True):
+    """What one side of a measurement saw, counted by that side itself."""
+
+    ns: int  # CLOCK_MONOTONIC: the producer's start, or the consumer's end
+    messages: int  # written, or decoded with every id checked in order
+    bytes: int  # encoded bytes written or read (ring frames, queue items)
+
+
 class RingResult(msgspec.Struct, frozen=True):
-    """One measured run: how many messages crossed, how long it took, with what setup."""
+    """One measured run: how many messages crossed, how long it took, with what setup.
+
+    ``messages`` and ``bytes_received`` are the consumer's own counts, so a check
+    on them is a check on what crossed, not on the request.
+    """
 
     messages: int
     seconds: float
     msgs_per_s: float
     batch: int
     payload_bytes: int
+    bytes_sent: int
+    bytes_received: int
 
 
 def make_templates(work: Workload) -> list[list[Message]]:
@@ -100,7 +114,7 @@ def fork_safe_context(lib: Any = multiprocess) -> Any:
 
 
 def _child(role: Role, work: Workload, channel: Any, barrier: Any, conn: Any) -> None:
-    """Run one side; send ("ok", ns) or ("error", text) and exit 1 on failure."""
+    """Run one side; send ("ok", Side) or ("error", text) and exit 1 on failure."""
     try:
         conn.send(("ok", role(work, channel, barrier)))
     except BaseException as exc:
@@ -131,8 +145,9 @@ def run_pair(
     """Time from the producer's start to the consumer's last decode, in two processes.
 
     Both sides set up, meet at a barrier, then the producer returns its start and
-    the consumer its end (CLOCK_MONOTONIC is machine-wide, so they compare).  When
-    one side fails the other is terminated, never waited on forever.
+    the consumer its end (CLOCK_MONOTONIC is machine-wide, so they compare), each
+    with what it counted.  When one side fails the other is terminated, never
+    waited on forever.
     """
     barrier = ctx.Barrier(2)
     procs, conns = [], []
@@ -148,7 +163,7 @@ def run_pair(
         send.close()
         procs.append(proc)
         conns.append(recv)
-    stamps: dict[int, int] = {}
+    stamps: dict[int, Side] = {}
     try:
         deadline = time.monotonic() + timeout
         while len(stamps) < len(procs):
@@ -161,7 +176,7 @@ def run_pair(
                     status, value = _report(conn)
                     if proc.exitcode != 0 or status != "ok":
                         raise EngineError(f"{proc.name} exited {proc.exitcode}: {value}")
-                    stamps[k] = int(value)
+                    stamps[k] = value
     finally:
         for proc in procs:
             if proc.is_alive():
@@ -169,13 +184,25 @@ def run_pair(
             proc.join()
         for conn in conns:
             conn.close()
-    seconds = max(stamps[0] - stamps[1], 1) / 1e9
+    got, sent = stamps[0], stamps[1]  # the consumer's end, the producer's start
+    if got.ns <= sent.ns:
+        raise EngineError(
+            f"the consumer ended ({got.ns} ns) before the producer started "
+            f"({sent.ns} ns): the sides did not share a clock or a barrier"
+        )
+    seconds = (got.ns - sent.ns) / 1e9
     return RingResult(
-        work.messages, seconds, work.messages / seconds, work.batch, work.payload_bytes
+        messages=got.messages,
+        seconds=seconds,
+        msgs_per_s=got.messages / seconds,
+        batch=work.batch,
+        payload_bytes=work.payload_bytes,
+        bytes_sent=sent.bytes,
+        bytes_received=got.bytes,
     )
 
 
-def _ring_producer(work: Workload, spec: RingSpec, barrier: Any) -> int:
+def _ring_producer(work: Workload, spec: RingSpec, barrier: Any) -> Side:
     """Encode each batch into one frame and write it, sleeping while the ring is full."""
     ring = Ring.attach(spec.name)
     try:
@@ -183,20 +210,24 @@ def _ring_producer(work: Workload, spec: RingSpec, barrier: Any) -> int:
         templates = make_templates(work)
         barrier.wait()
         start = time.monotonic_ns()
+        sent = written = 0
         for msgs in stamped(templates, work.messages):
-            producer.write([encode_batch(msgs)])
-        return start
+            frame = encode_batch(msgs)
+            producer.write([frame])
+            sent += len(msgs)
+            written += len(frame)
+        return Side(start, sent, written)
     finally:
         ring.close()
 
 
-def _ring_consumer(work: Workload, spec: RingSpec, barrier: Any) -> int:
+def _ring_consumer(work: Workload, spec: RingSpec, barrier: Any) -> Side:
     """Drain, decode and check every frame, commit after each drain; sleep when empty."""
     ring = Ring.attach(spec.name)
     try:
         consumer = RingConsumer(ring, spec.data_ready, spec.space_ready)
         barrier.wait()
-        expected = 0
+        expected = read = 0
         while expected < work.messages:
             frames, _ = consumer.drain()
             if not frames:
@@ -204,8 +235,9 @@ def _ring_consumer(work: Workload, spec: RingSpec, barrier: Any) -> int:
                 continue
             for frame in frames:
                 expected = check_ids(decode_batch(frame), expected)
+                read += len(frame)
             consumer.commit()
-        return time.monotonic_ns()
+        return Side(time.monotonic_ns(), expected, read)
     finally:
         ring.close()
 
@@ -216,15 +248,20 @@ def measure_ring(
     """Push ``messages`` through one ring, producer and consumer in two processes."""
     if messages < 1 or batch < 1 or payload_bytes < 0:
         raise ValueError("messages and batch must be >= 1 and payload_bytes >= 0")
-    ring = Ring.create(new_engine_prefix() + "demo", ring_bytes)
-    spec = RingSpec(ring.segment.name, EventFd(), EventFd())
+    prefix = new_engine_prefix()
+    lock = EngineLock.acquire(prefix)  # so a crashed demo's ring is swept like an engine's
     try:
-        work = Workload(messages, batch, payload_bytes)
-        return run_pair(fork_safe_context(), _ring_producer, _ring_consumer, work, spec)
+        ring = Ring.create(prefix + "demo", ring_bytes)
+        spec = RingSpec(ring.segment.name, EventFd(), EventFd())
+        try:
+            work = Workload(messages, batch, payload_bytes)
+            return run_pair(fork_safe_context(), _ring_producer, _ring_consumer, work, spec)
+        finally:
+            ring.close()
+            spec.data_ready.close()
+            spec.space_ready.close()
     finally:
-        ring.close()
-        spec.data_ready.close()
-        spec.space_ready.close()
+        lock.release()
 
 
 def describe(result: RingResult, what: str = "ring") -> str:

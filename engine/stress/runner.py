@@ -7,7 +7,9 @@ them; messages stream from the generator in chunks, grouped by (type, sender)
 so each group is one ``submit_many``; a background task samples stats and
 processes every ``sample_interval_s``; ``--chaos`` adds a task that kills
 workers.  Delivered counts per type and per agent come from what was
-generated minus the dead letters, which the engine returns whole.
+generated minus the dead letters, which the engine returns whole.  The mock
+sink records every delivery it makes in a temporary directory, and the report
+reconciles those with the ids of what was generated (``lost``).
 """
 
 from __future__ import annotations
@@ -15,9 +17,12 @@ from __future__ import annotations
 import asyncio
 import itertools
 import random
+import tempfile
 import time
+from array import array
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import msgspec
@@ -27,7 +32,14 @@ from engine.stress.chaos import chaos_loop
 from engine.stress.generator import BROADCAST, MESSAGE_TYPES, GeneratedMessage, MessageGenerator
 from engine.stress.metrics import MetricsCollector, SeriesPoint, interval_histogram
 from engine.stress.processes import ROLES, ProcessSampler
-from engine.stress.report import DeadLetterTally, Settings, StressReport, build_report
+from engine.stress.report import (
+    DeadLetterTally,
+    Settings,
+    StressReport,
+    build_report,
+    read_delivered_ids,
+    reconcile,
+)
 from engine.stress.scenarios import DEFAULT_AGENTS, SUITES, Scenario
 from ipc.codec import pack_payload
 from ipc.control import Histogram
@@ -122,6 +134,7 @@ class StressTestRunner:
             overrides["workers"] = workers
         self.config = Config.from_env(env, **overrides)  # ConfigError on a bad value
         self.metrics = MetricsCollector()
+        self.ids: array[int] = array("Q")  # every id the engine gave a generated message
 
     @classmethod
     def from_scenario(cls, scenario: Scenario, **options: Any) -> StressTestRunner:
@@ -173,10 +186,16 @@ class StressTestRunner:
 
     async def run(self) -> StressReport:
         """Start an engine, stream the messages, drain, check, stop; one call per runner."""
-        gen, metrics = self.generator, self.metrics
-        if gen.generated:
+        if self.generator.generated:
             raise RuntimeError("a StressTestRunner runs once; make a new one")
-        eng = Engine(None, self.config)
+        with tempfile.TemporaryDirectory(prefix="ringway-stress-") as records:
+            return await self._run(Path(records))
+
+    async def _run(self, records: Path) -> StressReport:
+        """The run, with the mock sink recording its deliveries in ``records``."""
+        gen, metrics = self.generator, self.metrics
+        config = msgspec.structs.replace(self.config, mock_record_dir=str(records))
+        eng = Engine(None, config)
         await eng.start()
         drained = False
         tasks: list[asyncio.Task[None]] = []
@@ -203,17 +222,22 @@ class StressTestRunner:
             await _cancel(tasks, reraise=True)
             sampler.sample(t0, final=True)
             stats = await _settled_stats(eng, self.sample_interval_s)
-            tally = tally_dead_letters(eng.dead_letters())
+            letters = eng.dead_letters()
+            tally = tally_dead_letters(letters)
             _keep_histograms(eng, metrics)
         finally:
             await _cancel(chaos + tasks)
             # After a failed drain, waiting again would only repeat the timeout.
             await eng.stop(timeout=None if drained else 0.0)
+        # Every worker is gone: the record files are complete.
+        dead_ids = (dl.message.id for dl in letters)
+        sink = reconcile(self.ids, read_delivered_ids(records), dead_ids)
         return build_report(
             settings=self.settings(),
             generator=gen,
             stats=stats,
             tally=tally,
+            sink=sink,
             metrics=metrics,
             drained=drained,
             drain_timeout_s=self.drain_timeout_s,
@@ -234,7 +258,7 @@ class StressTestRunner:
             chunk = list(itertools.islice(gen, chunk_size))
             if not chunk:
                 break
-            await _submit_chunk(eng, chunk, payloads)
+            self.ids.extend(await _submit_chunk(eng, chunk, payloads))
             for task in tasks:  # a failed sampler or chaos task ends the run, loudly
                 if task.done() and not task.cancelled() and task.exception() is not None:
                     task.result()
@@ -248,17 +272,22 @@ class StressTestRunner:
 
 async def _submit_chunk(
     eng: Engine, chunk: list[GeneratedMessage], payloads: dict[str, msgspec.Raw]
-) -> None:
+) -> list[int]:
+    """Submit one chunk; the ids the engine gave its messages (broadcast fan-out included)."""
+    ids: list[int] = []
     groups: dict[tuple[str, str], list[tuple[str, msgspec.Raw]]] = {}
     for m in chunk:
         if m.kind == BROADCAST:
             continue
         groups.setdefault((m.kind, m.sender), []).append((m.recipient, payloads[m.kind]))
     for (kind, sender), items in groups.items():
-        await eng.submit_many(items, kind=kind, sender=sender, priority=PRIORITY_OF[kind])
+        ids += await eng.submit_many(items, kind=kind, sender=sender, priority=PRIORITY_OF[kind])
     for m in chunk:
         if m.kind == BROADCAST:
-            await eng.broadcast(payloads[m.kind], sender=m.sender, priority=PRIORITY_OF[m.kind])
+            ids += await eng.broadcast(
+                payloads[m.kind], sender=m.sender, priority=PRIORITY_OF[m.kind]
+            )
+    return ids
 
 
 class Sampler:

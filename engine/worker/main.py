@@ -31,10 +31,11 @@ from typing import Any
 from engine.config import Config
 from engine.errors import EngineError
 from engine.exitcodes import ChildExit
+from engine.procutil import WORKER_STOP, die_with_parent, ignore_group_signals, start_stamp
 from engine.worker.fetch import Fetching
 from engine.worker.state import WorkerPlan
 from ipc.control import StatsSnapshot, WorkerFailed, WorkerReady, send_control
-from ipc.shard import SLOT_PID, ShardMemory, ShardSpec
+from ipc.shard import SLOT_PID, SLOT_PID_START, ShardMemory, ShardSpec
 
 WORKER_RECURSION_LIMIT = 4000  # > the dispatcher's default 1000 plus the loop's frames
 
@@ -80,8 +81,12 @@ class Worker(Fetching):
             self.stopping = True
             stop.set()
 
-        loop.add_signal_handler(signal.SIGTERM, on_stop)
-        loop.add_signal_handler(signal.SIGINT, on_stop)
+        # Only the monitor's WORKER_STOP stops a worker; the group's SIGTERM and SIGINT are
+        # ignored (`worker_main`), as the dispatcher acts on them and then tells the monitor.
+        loop.add_signal_handler(WORKER_STOP, on_stop)
+        # Blocked since the fork (the monitor blocks it): one sent while we booted is
+        # pending and arrives now, to the handler, instead of killing a half-started worker.
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, {WORKER_STOP})
         tasks: list[asyncio.Task[None]] = []
         if self.is_async:
             # Careful mode starts one deliverer; the pool grows once the
@@ -130,8 +135,7 @@ def worker_main(
     monitor_pid: int,
 ) -> None:
     """Entry point of a worker process (forked by the monitor)."""
-    from engine.procutil import die_with_parent
-
+    ignore_group_signals()  # inherited from the monitor already; said here as well
     die_with_parent(monitor_pid)
     # Payloads are checked in the dispatcher near the bottom of its stack; here they
     # are decoded deeper down (event loop, runners), so allow what it accepted.
@@ -147,6 +151,8 @@ def worker_main(
         send(WorkerFailed(worker=index, pid=os.getpid(), error=str(exc)))
         os._exit(ChildExit.BOOT_FAILED)
     shard = ShardMemory.attach(spec)
+    # The stamp first: a reader that sees this pid also sees its stamp (x86-64 stores are ordered).
+    shard.slot_idx[SLOT_PID_START] = start_stamp(os.getpid())
     shard.slot_idx[SLOT_PID] = os.getpid()
     worker = Worker(index, shard, config, sink, plan)
     import uvloop

@@ -12,6 +12,7 @@ import importlib
 import inspect
 import os
 import random
+import struct
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import IO, Any, Protocol
@@ -23,6 +24,7 @@ from engine.errors import EngineError, EngineStartError
 from ipc.codec import Message
 
 Handler = Callable[[Message], Any]
+_ID = struct.Struct("<Q")  # one delivered id in the mock sink's record files
 
 
 class MockDeliveryError(EngineError):
@@ -74,13 +76,31 @@ class PythonSink:
 
 
 class MockSink:
-    """The original design's mock messaging core: simulated delay and success rate."""
+    """The original design's mock messaging core: simulated delay and success rate.
 
-    def __init__(self, delay_s: float, success_rate: float, seed: int | None = None) -> None:
+    With ``record_dir`` every delivery it accepts appends the message id (8 bytes,
+    little-endian) to ``<record_dir>/<pid>.ids`` with one ``os.write`` before it
+    returns: what the stress report counts as delivered is what happened here,
+    also when the worker is killed right after (``engine.stress.report``).
+    """
+
+    def __init__(
+        self, delay_s: float, success_rate: float, seed: int | None = None, record_dir: str = ""
+    ) -> None:
         self.delay_s = delay_s
         self.is_async = delay_s > 0
         self.success_rate = success_rate
         self._random = random.Random(seed).random
+        self._record = -1
+        if record_dir:
+            path = os.path.join(record_dir, f"{os.getpid()}.ids")
+            flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | os.O_CLOEXEC
+            try:
+                self._record = os.open(path, flags, 0o600)
+            except OSError as exc:
+                raise EngineStartError(
+                    f"cannot open {path} (ENGINE_MOCK_RECORD_DIR) for the mock sink: {exc}"
+                ) from exc
 
     def deliver(self, msg: Message) -> Any:
         if self.delay_s > 0:
@@ -100,9 +120,13 @@ class MockSink:
                 f"mock delivery of message {msg.id} failed "
                 f"(ENGINE_MOCK_SUCCESS_RATE={self.success_rate})"
             )
+        if self._record >= 0:
+            os.write(self._record, _ID.pack(msg.id))
 
     def close(self) -> None:
-        return None
+        if self._record >= 0:
+            os.close(self._record)
+            self._record = -1
 
 
 class InboxRecord(msgspec.Struct):
@@ -183,7 +207,9 @@ def is_async_callable(fn: Callable[..., Any]) -> bool:
 def make_sink(config: Config, handler: str | Handler | None) -> Sink:
     """Build the sink the configuration names; the python sink needs a handler."""
     if config.sink == "mock":
-        return MockSink(config.mock_delay_s, config.mock_success_rate)
+        return MockSink(
+            config.mock_delay_s, config.mock_success_rate, record_dir=config.mock_record_dir
+        )
     if config.sink == "inbox":
         return InboxSink(config.inbox_dir)
     if config.sink == "null":

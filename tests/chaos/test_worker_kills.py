@@ -19,6 +19,7 @@ import pytest
 
 from engine import Engine
 from engine.core.sharding import stable_shard
+from engine.procutil import WORKER_STOP
 from engine.worker.state import window_for
 from tests.chaos import checker, recorder
 from tests.chaos.harness import (
@@ -213,9 +214,9 @@ def test_sigstopped_worker_detected_replaced_and_harmless_after_sigcont(
             os.kill(old_pid, signal.SIGSTOP)
             t_stop = time.monotonic()
             facts["t_stop_ns"] = time.monotonic_ns()
-            # Detection: the monitor signals the stopped process (SIGTERM stays pending
-            # while it is stopped) or it is already gone.
-            while alive(old_pid) and not pending_signals(old_pid) & (1 << (signal.SIGTERM - 1)):
+            # Detection: the monitor signals the stopped process (its WORKER_STOP stays
+            # pending while it is stopped) or it is already gone.
+            while alive(old_pid) and not pending_signals(old_pid) & (1 << (WORKER_STOP - 1)):
                 assert time.monotonic() - t_stop < 30, "the stopped worker was never detected"
                 await asyncio.sleep(0.01)
             facts["detected_s"] = round(time.monotonic() - t_stop, 3)

@@ -21,7 +21,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -141,8 +141,12 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_service(tmp_path: Path, **env: str) -> ServiceProc:
-    """Start the service and wait for it to serve; the caller must ``stop()`` it."""
+def start_service(tmp_path: Path, *, wrapper: Sequence[str] = (), **env: str) -> ServiceProc:
+    """Start the service and wait for it to serve; the caller must ``stop()`` it.
+
+    ``wrapper`` runs it under another command (``["timeout", "600"]``): ``proc`` is
+    then that command, ``pid`` still the service's own (from its start-up line).
+    """
     base = {k: v for k, v in os.environ.items() if not k.startswith("ENGINE_")}
     pythonpath = os.pathsep.join(p for p in (str(REPO), base.get("PYTHONPATH", "")) if p)
     full = base | {
@@ -154,7 +158,7 @@ def start_service(tmp_path: Path, **env: str) -> ServiceProc:
     full |= {k: str(v) for k, v in env.items()}
     log_path = tmp_path / f"service-{time.monotonic_ns()}.log"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "engine", "serve"],
+        [*wrapper, sys.executable, "-m", "engine", "serve"],
         cwd=REPO,
         env=full,
         stdin=subprocess.DEVNULL,
