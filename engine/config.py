@@ -132,6 +132,33 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
         Literal["DEBUG", "INFO", "WARNING", "ERROR"], Meta(description="Log level.")
     ] = "INFO"
     log_format: Annotated[Literal["text", "json"], Meta(description="Log line format.")] = "text"
+    # -- cluster mode (engine.broker); inert while ``broker`` is empty ----------------
+    broker: Annotated[
+        str,
+        Meta(
+            pattern=r"^$|^(redis|rediss|unix)://",
+            description="Cluster mode: redis://HOST:PORT/DB, rediss:// or unix://; empty = off.",
+        ),
+    ] = ""
+    partitions: Annotated[
+        int,
+        Meta(ge=1, le=16384, description="Partition streams; fixed for a namespace once stored."),
+    ] = 64
+    namespace: Annotated[
+        str, Meta(pattern=r"^[A-Za-z0-9_.-]+$", description="Key prefix of the cluster's keys.")
+    ] = "ringway"
+    node_id: Annotated[
+        str, Meta(pattern=r"^[A-Za-z0-9_.-]*$", description="This node's name; empty = host-pid.")
+    ] = ""
+    lease_ttl_s: Annotated[
+        float, Meta(ge=0.2, le=600, description="Partition lease; a dead node's expire after it.")
+    ] = 5.0
+    dedup_window_s: Annotated[
+        float, Meta(ge=0, le=604800, description="How long a dedup_key is remembered; 0 = off.")
+    ] = 600.0
+    broker_read_count: Annotated[
+        int, Meta(ge=1, le=10000, description="Stream entries per XREADGROUP of one partition.")
+    ] = 16
 
     def __post_init__(self) -> None:
         """Check values built directly in code too, so no path skips validation."""
@@ -168,6 +195,7 @@ class _Spec:
     choices: tuple[str, ...]  # non-empty for Literal fields
     bounds: tuple[tuple[str, float], ...]  # (operator, limit)
     power_of_two: bool
+    pattern: str  # a regex a string value must match; empty = any
     secret: bool
     default: object
     description: str
@@ -178,7 +206,7 @@ class _Spec:
         if self.choices:
             return "one of " + ", ".join(self.choices)
         if self.kind is str:
-            return "a string"
+            return f"a string matching {self.pattern}" if self.pattern else "a string"
         noun = "an integer" if self.kind is int else "a number"
         noun = "a power of two" if self.power_of_two else noun
         limits = " and ".join(f"{op} {_num(limit)}" for op, limit in self.bounds)
@@ -220,6 +248,7 @@ def _build_specs() -> dict[str, _Spec]:
             choices=choices,
             bounds=bounds,
             power_of_two=bool(extra.get("power_of_two")),
+            pattern=meta.pattern or "",
             secret=bool(extra.get("secret")),
             default=field.default,
             description=meta.description or "",
@@ -247,6 +276,8 @@ def _check(spec: _Spec, raw: object, label: str) -> tuple[object, str | None]:
     ok = value is not _INVALID
     if ok and spec.choices:
         ok = value in spec.choices
+    elif ok and spec.pattern:
+        ok = isinstance(value, str) and re.search(spec.pattern, value) is not None
     elif ok and spec.kind is not str:
         ok = all(_OPS[op](value, limit) for op, limit in spec.bounds)  # NaN fails here
         if ok and spec.power_of_two:

@@ -24,6 +24,7 @@ import psutil
 
 from engine.backoff import backoff_s
 from engine.config import Config
+from engine.core.cluster import Cluster
 from engine.core.dispatcher import Dispatcher
 from engine.core.stats import build_stats
 from engine.errors import EngineClosed, EngineError, EngineStartError, RequestTimeout
@@ -69,9 +70,15 @@ class Engine:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._restart_task: asyncio.Task[None] | None = None
         self.monitor_error = ""
+        self.cluster: Cluster | None = None  # cluster mode (ENGINE_BROKER): the node
 
     # -- start / stop ------------------------------------------------------------
     async def start(self) -> None:
+        if self.config.broker and self.cluster is None:
+            from engine.core.cluster import load_cluster
+
+            # Before the monitor starts: the node wraps the workers' sink in its lease fence.
+            self.cluster = load_cluster(self)
         cfg = self.config
         sweep_stale_segments()
         check_shm_space(cfg.workers * shard_bytes(cfg.ring_bytes, cfg.return_ring_bytes))
@@ -86,7 +93,11 @@ class Engine:
                 )
             self.dispatcher = Dispatcher(cfg, self.shards, self.wakeups)
             await self._start_monitor()
+            if self.cluster is not None:
+                await self.cluster.start()
         except BaseException:
+            if self.cluster is not None:
+                await self.cluster.stop(0, fast=True)
             await self._teardown()
             raise
 
@@ -210,6 +221,9 @@ class Engine:
             return
         wait = self.config.shutdown_timeout_s if timeout is None else timeout
         try:
+            if self.cluster is not None:
+                # Settle and ack what the node holds, give its partitions back, leave.
+                await self.cluster.stop(wait, fast)
             if not fast and self.monitor is not None and self.monitor.exitcode is None:
                 await self.dispatcher.drain(wait)
         finally:
@@ -277,12 +291,20 @@ class Engine:
         """Queue one message; waits while its lane is full.  Returns the message id."""
         d = self._dispatcher()
         out = d.build(recipient, payload, **options)
+        if self.cluster is not None:
+            ids, _ = await self.cluster.send([out], options.get("dedup_key", ""), False)
+            return ids[0]
         await d.enqueue(out)
         return out[0]
 
     def submit_nowait(self, recipient: str, payload: Any = None, **options: Any) -> int:
         """Queue one message or raise QueueFull at once (nothing is queued then)."""
         d = self._dispatcher()
+        if self.cluster is not None:
+            raise EngineError(
+                "submit_nowait is not available in cluster mode: a message is accepted only "
+                "once Redis has it; use submit"
+            )
         out = d.build(recipient, payload, **options)
         d.enqueue_nowait(out)
         return out[0]
@@ -307,7 +329,7 @@ class Engine:
             items, settled=settled, raw_checked=raw_checked, **options
         )
         if marks:
-            await self._dispatcher().wait_settled(marks)
+            await self.wait_settled(marks)
         return ids
 
     async def submit_marked(
@@ -337,6 +359,11 @@ class Engine:
                     f"{exc} (item {len(ids)} or later; the {len(ids)} items before "
                     f"this chunk of {len(chunk)} were queued, none after)"
                 ) from exc
+            if self.cluster is not None:
+                got, entry_marks = await self.cluster.send(outs, opts.dedup_key, settled)
+                ids += got
+                marks += entry_marks
+                continue
             await d.enqueue_many(outs)
             ids.extend(m[0] for m in outs)
             if settled:
@@ -345,6 +372,9 @@ class Engine:
 
     async def wait_settled(self, marks: list[tuple[int, int, int]]) -> None:
         """Return once the messages behind ``marks`` (from ``submit_marked``) are settled."""
+        if self.cluster is not None:
+            await self.cluster.wait_settled(marks)
+            return
         await self._dispatcher().wait_settled(marks)
 
     async def request(
@@ -360,6 +390,8 @@ class Engine:
         cid = next(d.ids)
         options.setdefault("ttl", timeout)
         out = d.build(recipient, payload, kind=Kind.REQUEST, correlation_id=cid, **options)
+        if self.cluster is not None:
+            return await self.cluster.request(out, cid, timeout)
         fut: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         d.futures[cid] = fut
 
@@ -415,7 +447,14 @@ class Engine:
         return await self.submit_many(((r, raw) for r in recipients), **options)
 
     async def drain(self, timeout: float | None = None) -> bool:
-        """Wait until every submitted message is settled; False if ``timeout`` passed first."""
+        """Wait until every submitted message is settled; False if ``timeout`` passed first.
+
+        In cluster mode: until everything this node accepted is in Redis (delivering it
+        is the partition owners' part; ``stop`` settles what this node owns).
+        """
+        if self.cluster is not None:
+            self._dispatcher()
+            return await self.cluster.drain(timeout)
         return await self._dispatcher().drain(timeout)
 
     def stats(self) -> dict[str, Any]:
@@ -424,6 +463,8 @@ class Engine:
             raise EngineClosed("the engine was never started")
         stats = build_stats(d, self.report, self.monitor, self.monitor_restarts)
         stats["monitor"]["error"] = self.monitor_error
+        if self.cluster is not None:
+            stats["cluster"] = self.cluster.stats()
         return stats
 
     def dead_letters(self) -> list[DeadLetter]:
@@ -432,8 +473,13 @@ class Engine:
         return self.dispatcher.dead.items()
 
     async def replay_dead_letters(self) -> int:
-        """Resubmit every stored dead letter as a fresh message (attempts reset)."""
+        """Resubmit every stored dead letter as a fresh message (attempts reset).
+
+        In cluster mode: every letter of the cluster's DLQ stream.
+        """
         d = self._dispatcher()
+        if self.cluster is not None:
+            return await self.cluster.replay_dead_letters()
         items = d.dead.take_all()
         for dl in items:
             m = dl.message

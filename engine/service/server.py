@@ -92,6 +92,9 @@ class Service:
         if not stats["monitor"]["alive"]:
             problems.append("monitor down")
         problems += [f"worker {w['worker']} down" for w in stats["workers"] if not w["alive"]]
+        cluster = stats.get("cluster")
+        if cluster is not None and not cluster["leases"]["connected"]:
+            problems.append(f"redis unreachable: {cluster['leases']['last_error']}")
         warn = self.config.ring_warn_ratio
         problems += [
             f"ring fill of lane {lane} is {fill:.0%} (warning at {warn:.0%})"
@@ -155,8 +158,21 @@ class Service:
                 "http": self.addresses.get("http", ""),
                 "socket": self.addresses.get("socket", ""),
                 "auth": bool(cfg.auth_token),
+                **self._cluster_fields(),
             },
         )
+
+    def _cluster_fields(self) -> dict[str, Any]:
+        """Cluster mode's part of the start-up line (nothing in embedded mode)."""
+        stats = self.engine.stats().get("cluster")
+        if stats is None:
+            return {}
+        return {
+            "broker": stats["broker"],
+            "node": stats["node"],
+            "namespace": stats["namespace"],
+            "partitions": stats["partitions"],
+        }
 
     def install_signals(self) -> None:
         loop = asyncio.get_running_loop()
