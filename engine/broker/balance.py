@@ -27,6 +27,8 @@ import logging
 import os
 from typing import TYPE_CHECKING, Any
 
+from redis.exceptions import NoScriptError
+
 from engine.broker import scripts
 from engine.broker.connection import TRANSIENT
 from engine.broker.lease import Lease, margin_ms, tick_s
@@ -76,6 +78,12 @@ class Balancer:
                 if self.connected:
                     log.warning("redis unavailable for heartbeat and leases: %s", exc)
                 self.connected = False
+                self.last_error = f"{type(exc).__name__}: {exc}"
+                self.expire_overdue()
+            except Exception as exc:
+                # A bug or an unexpected answer must not end the ticks: leases would lapse
+                # silently. Say it loudly, and let the deadlines close what is overdue.
+                log.exception("balance tick failed")
                 self.last_error = f"{type(exc).__name__}: {exc}"
                 self.expire_overdue()
             elapsed = asyncio.get_running_loop().time() - started
@@ -252,7 +260,7 @@ class Balancer:
 
 
 def _noscript(result: object) -> bool:
-    return isinstance(result, Exception) and "NOSCRIPT" in str(result)
+    return isinstance(result, NoScriptError)
 
 
 def default_node_id() -> str:

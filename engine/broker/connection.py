@@ -102,7 +102,7 @@ async def retrying(
     attempt = 0
     while True:
         if closed():
-            raise EngineClosed(f"cluster node stopped during {what}")
+            raise EngineClosed(f"{what} abandoned: the node is stopping or the lease ended")
         try:
             return await op()
         except TRANSIENT as exc:
