@@ -13,7 +13,7 @@ import urllib.parse
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-from redis.asyncio import Redis
+from redis.asyncio import BlockingConnectionPool, Redis
 from redis.asyncio.retry import Retry
 from redis.backoff import NoBackoff
 from redis.exceptions import (
@@ -56,13 +56,21 @@ def redacted(url: str) -> str:
     return urllib.parse.urlunsplit(parts._replace(netloc=user + netloc))
 
 
+POOL_WAIT_S = 30.0  # a command waits this long for a free pooled connection
+
+
 def connect(url: str, max_connections: int) -> Redis:
-    """A client with its own pool; blocking reads each take a connection of it."""
+    """A client whose pool makes callers wait for a free connection (never "too many").
+
+    Blocking XREADGROUPs hold a connection each while they wait, so the node uses
+    one client for them (a connection per partition) and one for everything else.
+    """
     try:
-        return Redis.from_url(
+        pool = BlockingConnectionPool.from_url(
             url,
-            decode_responses=False,
             max_connections=max_connections,
+            timeout=POOL_WAIT_S,
+            decode_responses=False,
             retry=Retry(NoBackoff(), 0),
             socket_connect_timeout=5,
             socket_keepalive=True,
@@ -70,6 +78,7 @@ def connect(url: str, max_connections: int) -> Redis:
         )
     except ValueError as exc:
         raise EngineStartError(f"ENGINE_BROKER={redacted(url)!r} is not usable: {exc}") from exc
+    return Redis(connection_pool=pool)
 
 
 async def check_server(client: Redis, url: str) -> str:

@@ -147,7 +147,7 @@ class PartitionConsumer:
         self.changed.set()
 
     async def _read(self, cursor: bytes, block: int | None) -> list[tuple[bytes, Any]]:
-        client, lease = self.node.client, self.lease
+        client, lease = self.node.reader, self.lease
 
         async def op() -> Any:
             try:

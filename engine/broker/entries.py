@@ -40,6 +40,16 @@ class Head(msgspec.Struct, array_like=True, gc=False):
     sender: str = ""
     kind: int = 0
     priority: Priority = Priority.NORMAL
+
+
+class RequestHead(msgspec.Struct, array_like=True, gc=False):
+    """The fields up to the correlation id, decoded only for entries that hold requests."""
+
+    id: int
+    recipient: str
+    sender: str = ""
+    kind: int = 0
+    priority: Priority = Priority.NORMAL
     payload: msgspec.Raw = msgspec.Raw(b"\xc0")
     created_ns: int = 0
     expires_ns: int = 0
@@ -50,6 +60,7 @@ class Head(msgspec.Struct, array_like=True, gc=False):
 _header_encoder = msgspec.msgpack.Encoder()
 _header_decoder = msgspec.msgpack.Decoder(Header)
 _heads = msgspec.msgpack.Decoder(list[Head])
+_request_heads = msgspec.msgpack.Decoder(list[RequestHead])
 _raws = msgspec.msgpack.Decoder(list[msgspec.Raw])
 
 _ENTRY_ERRORS: tuple[type[Exception], ...] = (*DECODE_ERRORS, msgspec.ValidationError)
@@ -93,7 +104,13 @@ def decode_entry(fields: dict[bytes, bytes] | None, offset_ns: int) -> Decoded:
         raws = _raws.decode(frame)
     except _ENTRY_ERRORS as exc:
         raise BadEntry(f"undecodable entry: {exc}") from exc
-    requests = [h.correlation_id for h in heads if h.kind == _REQUEST and h.correlation_id]
+    requests: list[int] = []
+    if any(h.kind == _REQUEST for h in heads):
+        requests = [
+            h.correlation_id
+            for h in _request_heads.decode(frame)
+            if h.kind == _REQUEST and h.correlation_id
+        ]
     shift = offset_ns - (head.mono_ns - head.wall_ns)
     if -SAME_HOST_NS < shift < SAME_HOST_NS:
         routed: list[Routed] = [

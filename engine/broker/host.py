@@ -25,6 +25,7 @@ class Host(Protocol):
     config: Config
     keys: Keys
     client: Redis
+    reader: Redis  # for blocking reads only
     fence: FenceTable
     replies: Replies
     counts: dict[str, int]

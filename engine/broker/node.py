@@ -65,6 +65,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("engine.broker")
 ID_BITS = 40  # message ids: node number << 40 | a per-node counter
 MAX_NODE_SEQ = (1 << (63 - ID_BITS)) - 1
+COMMAND_CONNECTIONS = 16  # acks, XADDs, leases, stats; the reply channel holds one of them
 
 
 class ClusterNode:
@@ -88,8 +89,9 @@ class ClusterNode:
             self.fence.close()
             raise
         engine.config = msgspec.structs.replace(cfg, sink="python")
-        # One connection per blocking read (a partition each), plus room for the rest.
-        self.client = connect(cfg.broker, max_connections=cfg.partitions + 32)
+        self.client = connect(cfg.broker, max_connections=COMMAND_CONNECTIONS)
+        # One connection per blocking read: a partition each (a node may briefly hold all).
+        self.reader = connect(cfg.broker, max_connections=cfg.partitions)
         self.closed = False
         self.stopping = False
         self.consumers: dict[int, PartitionConsumer] = {}
@@ -234,6 +236,7 @@ class ClusterNode:
             t.cancel()
         await self.replies.close()
         await self.client.aclose()
+        await self.reader.aclose()
         self.fence.close()
 
     # -- partitions (called by the balancer) --------------------------------------------

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -49,27 +50,33 @@ class Call:
     """One caller's messages: resolved when every entry holding them was added."""
 
     ids: list[int]
-    remaining: int
+    remaining: int  # segments not yet wholly in Redis
     future: asyncio.Future[None]
     entries: list[tuple[int, bytes]] = field(default_factory=list)  # (partition, entry id)
 
 
 @dataclass(eq=False)
-class Item:
-    data: bytes
-    dedup: bytes  # the dedup key in Redis, b"" for none
-    msg_id: int
+class Segment:
+    """The messages of one call for one partition, in order; entries take slices of it."""
+
     call: Call
-    index: int
+    datas: list[bytes]
     notify: bool
+    positions: list[int] | None = None  # dedup only: index in call.ids of each message
+    keys: list[bytes] | None = None  # dedup only: the Redis dedup key of each (b"" = none)
+    taken: int = 0  # messages cut into entries so far
+    added: int = 0  # messages whose entry Redis has
 
 
 @dataclass(eq=False)
 class Entry:
     partition: int
-    items: list[Item]
     notify: bool
-    dedup: bool
+    pieces: list[tuple[Segment, int, int]] = field(default_factory=list)  # (segment, start, end)
+
+    @property
+    def dedup(self) -> bool:
+        return any(seg.keys is not None for seg, _, _ in self.pieces)
 
 
 class Producer:
@@ -93,7 +100,7 @@ class Producer:
             self.dedup_window = 1  # EX takes whole seconds; never shorter than asked
         self.closed = closed
         self.partition_of = Partitioner(keys.partitions)
-        self.buffers: dict[int, list[Item]] = {}  # partition -> items in submission order
+        self.buffers: dict[int, deque[Segment]] = {}  # partition -> segments in order
         self.wakeup = asyncio.Event()
         self.idle = asyncio.Event()
         self.idle.set()
@@ -116,18 +123,48 @@ class Producer:
         if not outs:
             return [], []
         loop = asyncio.get_running_loop()
-        call = Call([o[0] for o in outs], len(outs), loop.create_future())
-        use_dedup = bool(dedup and dedup_key and self.dedup_window)
-        keys, part = self.keys, self.partition_of
-        for index, (mid, recipient, _, data) in enumerate(outs):
-            p = part(recipient)
-            key = keys.dedup(p, recipient, dedup_key) if use_dedup else b""
-            self.buffers.setdefault(p, []).append(Item(data, key, mid, call, index, notify))
+        call = Call([o[0] for o in outs], 0, loop.create_future())
+        if dedup and dedup_key and self.dedup_window:
+            segments = self._dedup_segments(call, outs, dedup_key, notify)
+        else:
+            groups: dict[int, list[bytes]] = {}
+            cached, part = self.partition_of.cache.get, self.partition_of
+            for _, recipient, _, data in outs:
+                p = cached(recipient)
+                if p is None:
+                    p = part(recipient)
+                datas = groups.get(p)
+                if datas is None:
+                    datas = groups[p] = []
+                datas.append(data)
+            segments = {p: Segment(call, datas, notify) for p, datas in groups.items()}
+        call.remaining = len(segments)
+        buffers = self.buffers
+        for p, seg in segments.items():
+            queue = buffers.get(p)
+            if queue is None:
+                queue = buffers[p] = deque()
+            queue.append(seg)
         self.idle.clear()
         self.wakeup.set()
         await call.future
         self.counts["accepted"] += len(outs)
         return call.ids, call.entries
+
+    def _dedup_segments(
+        self, call: Call, outs: list[Outgoing], dedup_key: str, notify: bool
+    ) -> dict[int, Segment]:
+        segments: dict[int, Segment] = {}
+        for index, (_, recipient, _, data) in enumerate(outs):
+            p = self.partition_of(recipient)
+            seg = segments.get(p)
+            if seg is None:
+                seg = segments[p] = Segment(call, [], notify, [], [])
+            assert seg.positions is not None and seg.keys is not None
+            seg.datas.append(data)
+            seg.positions.append(index)
+            seg.keys.append(self.keys.dedup(p, recipient, dedup_key))
+        return segments
 
     async def wait_idle(self) -> None:
         """Until everything queued so far is in Redis (or failed)."""
@@ -137,10 +174,10 @@ class Producer:
         if self.task is not None:
             self.task.cancel()
             await asyncio.gather(self.task, return_exceptions=True)
-        for items in self.buffers.values():
-            for item in items:
-                if not item.call.future.done():
-                    item.call.future.set_exception(
+        for queue in self.buffers.values():
+            for seg in queue:
+                if not seg.call.future.done():
+                    seg.call.future.set_exception(
                         EngineClosed("the cluster node stopped before Redis had the message")
                     )
         self.buffers.clear()
@@ -157,29 +194,42 @@ class Producer:
             await self._add(entries)
 
     def _take_entries(self) -> list[Entry]:
-        """Cut buffered messages into entries, at most FLUSH_MAX_ENTRIES of them."""
+        """Cut buffered messages into entries, at most FLUSH_MAX_ENTRIES of them.
+
+        An entry holds at most ENGINE_BATCH_SIZE messages and about ENTRY_MAX_BYTES,
+        from one partition, in order; settle-notified and plain messages never share
+        one (the notice is per entry).
+        """
         entries: list[Entry] = []
-        size_cap, count_cap = ENTRY_MAX_BYTES, self.batch_size
+        count_cap = self.batch_size
         for p in list(self.buffers):
-            items = self.buffers[p]
-            start = 0
-            while start < len(items) and len(entries) < FLUSH_MAX_ENTRIES:
-                notify = items[start].notify
-                end, size = start, 0
-                while end < len(items) and end - start < count_cap:
-                    item = items[end]
-                    if end > start and (size + len(item.data) > size_cap or item.notify != notify):
+            queue = self.buffers[p]
+            while queue and len(entries) < FLUSH_MAX_ENTRIES:
+                entry = Entry(p, queue[0].notify)
+                n = size = 0
+                while queue and n < count_cap:
+                    seg = queue[0]
+                    if seg.notify != entry.notify:
                         break
-                    size += len(item.data)
-                    end += 1
-                chunk = items[start:end]
-                entries.append(Entry(p, chunk, notify, any(i.dedup for i in chunk)))
-                start = end
-            if start >= len(items):
-                del self.buffers[p]
-            else:
-                self.buffers[p] = items[start:]
-                break
+                    datas, start = seg.datas, seg.taken
+                    end = min(len(datas), start + count_cap - n)
+                    for i in range(start, end):
+                        size += len(datas[i])
+                        if size > ENTRY_MAX_BYTES and i + n > start:
+                            end = i
+                            break
+                    if end == start:
+                        break
+                    entry.pieces.append((seg, start, end))
+                    n += end - start
+                    seg.taken = end
+                    if end < len(datas):
+                        break  # the entry is full
+                    queue.popleft()
+                entries.append(entry)
+            if queue:
+                break  # FLUSH_MAX_ENTRIES reached: the rest goes in the next round trip
+            del self.buffers[p]
         return entries
 
     async def _add(self, entries: list[Entry]) -> None:
@@ -221,41 +271,57 @@ class Producer:
     def _queue(self, pipe: Any, entry: Entry) -> None:
         stream = self.keys.streams[entry.partition]
         head = header(self.node, entry.notify)
+        pieces = entry.pieces
         if not entry.dedup:
-            frame = array_header(len(entry.items)) + b"".join(i.data for i in entry.items)
-            pipe.xadd(stream, {FIELD_MESSAGES: frame, FIELD_HEADER: head})
+            n = sum(end - start for _, start, end in pieces)
+            if len(pieces) == 1:
+                seg, start, end = pieces[0]
+                body = b"".join(seg.datas[start:end])
+            else:
+                body = b"".join(d for seg, start, end in pieces for d in seg.datas[start:end])
+            pipe.xadd(stream, {FIELD_MESSAGES: array_header(n) + body, FIELD_HEADER: head})
             return
         keys: list[Any] = [stream]
-        args: list[Any] = [self.dedup_window, head, len(entry.items)]
-        for item in entry.items:
-            if item.dedup:
-                keys.append(item.dedup)
-            args += [1 if item.dedup else 0, item.msg_id, item.data]
+        args: list[Any] = [self.dedup_window, head, 0]
+        for seg, start, end in pieces:
+            for i in range(start, end):
+                key = seg.keys[i] if seg.keys is not None else b""
+                if key:
+                    keys.append(key)
+                mid = seg.call.ids[seg.positions[i]] if seg.positions is not None else 0
+                args += [1 if key else 0, mid, seg.datas[i]]
+                args[2] += 1
         scripts.produce.queue(pipe, keys, args)
 
     def _done(self, entry: Entry, result: Any) -> None:
         if entry.dedup:
             eid = result[0]
+            flat = [(seg, i) for seg, start, end in entry.pieces for i in range(start, end)]
             for j in range(1, len(result), 2):
-                item = entry.items[int(result[j]) - 1]
-                item.call.ids[item.index] = int(result[j + 1])
+                seg, i = flat[int(result[j]) - 1]
+                assert seg.positions is not None
+                seg.call.ids[seg.positions[i]] = int(result[j + 1])
                 self.counts["deduplicated"] += 1
         else:
             eid = result
         if eid:
             self.counts["entries"] += 1
-        calls: dict[int, Call] = {}
-        for item in entry.items:
-            item.call.remaining -= 1
-            calls[id(item.call)] = item.call
-        for call in calls.values():
-            if eid and entry.notify:
+        for seg, start, end in entry.pieces:
+            call = seg.call
+            if (
+                eid
+                and entry.notify
+                and (not call.entries or call.entries[-1] != (entry.partition, eid))
+            ):
                 call.entries.append((entry.partition, eid))
-            if call.remaining == 0 and not call.future.done():
-                call.future.set_result(None)
+            seg.added += end - start
+            if seg.added == len(seg.datas):
+                call.remaining -= 1
+                if call.remaining == 0 and not call.future.done():
+                    call.future.set_result(None)
 
     def _fail(self, entries: list[Entry], exc: BaseException) -> None:
         for entry in entries:
-            for item in entry.items:
-                if not item.call.future.done():
-                    item.call.future.set_exception(exc)
+            for seg, _, _ in entry.pieces:
+                if not seg.call.future.done():
+                    seg.call.future.set_exception(exc)
