@@ -10,7 +10,11 @@ seconds on 2 shared cores.
 
 from __future__ import annotations
 
+import json
+import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -33,6 +37,20 @@ from tests.broker.cluster import (
 )
 from tests.broker.redis_proc import RedisServer, running_redis
 from tests.chaos.recorder import ANSWERED, DELIVERED
+from tests.integration.service_proc import REPO
+
+
+def cli(*args: str) -> str:
+    """Run ``python -m engine ...`` and return its stdout (it must exit 0)."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("ENGINE_")}
+    env["PYTHONPATH"] = str(REPO)
+    out = subprocess.run(
+        [sys.executable, "-m", "engine", *args],
+        cwd=REPO, env=env | {"COLUMNS": "200"}, capture_output=True, text=True, timeout=60,
+        check=False,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    return out.stdout
 
 
 def assert_clean(res: Any) -> None:
@@ -202,8 +220,13 @@ def test_5_poison_message_reaches_the_dlq_stream(cluster: Cluster) -> None:
     expected = {i: (f"R{i % 10}", i // 10) for i in range(1000)}
     c.wait_delivered(expected)
     assert_clean(verdict(expected, c.deliveries()))
-    letters = a.get_json("/v1/dead-letters")  # what `engine dlq list` shows, from the stream
+    letters = json.loads(cli("dlq", "list", "--json", "--url", a.http_url))  # from the stream
     assert [(x["id"], x["reason"]) for x in letters] == [(poison_id, "worker_crash")]
+    table = cli("stats", "--url", a.http_url)
+    assert "cluster rw on redis://" in table and "partitions" in table
+    stats = json.loads(cli("stats", "--json", "--url", a.http_url))["cluster"]
+    assert stats["dlq_length"] == 1 and len(stats["partition_table"]) == PARTITIONS
+    assert [n["node"] for n in stats["nodes"]] == ["a"]
     assert len(ids) == 500
     assert r.xpending(c.keys.streams[partition_of("Poison")], GROUP)["pending"] == 0
 
