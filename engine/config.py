@@ -23,6 +23,8 @@ MiB = 1 << 20
 GiB = 1 << 30
 _POW2 = {"power_of_two": True}  # Meta extra: the value must be a power of two
 _SECRET = {"secret": True}  # Meta extra: never print the value
+_URL = {"format": "empty, or a redis://, rediss:// or unix:// URL"}  # Meta extra: the pattern
+_NAME = {"format": "letters, digits, '_', '.' and '-'"}
 
 
 class ConfigError(EngineError):
@@ -137,6 +139,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
         str,
         Meta(
             pattern=r"^$|^(redis|rediss|unix)://",
+            extra=_URL,
             description="Cluster mode: redis://HOST:PORT/DB, rediss:// or unix://; empty = off.",
         ),
     ] = ""
@@ -145,10 +148,20 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
         Meta(ge=1, le=16384, description="Partition streams; fixed for a namespace once stored."),
     ] = 64
     namespace: Annotated[
-        str, Meta(pattern=r"^[A-Za-z0-9_.-]+$", description="Key prefix of the cluster's keys.")
+        str,
+        Meta(
+            pattern=r"^[A-Za-z0-9_.-]+$",
+            extra=_NAME,
+            description="Key prefix of the cluster's keys.",
+        ),
     ] = "ringway"
     node_id: Annotated[
-        str, Meta(pattern=r"^[A-Za-z0-9_.-]*$", description="This node's name; empty = host-pid.")
+        str,
+        Meta(
+            pattern=r"^[A-Za-z0-9_.-]*$",
+            extra=_NAME,
+            description="This node's name; empty = host-pid.",
+        ),
     ] = ""
     lease_ttl_s: Annotated[
         float, Meta(ge=0.2, le=600, description="Partition lease; a dead node's expire after it.")
@@ -196,6 +209,7 @@ class _Spec:
     bounds: tuple[tuple[str, float], ...]  # (operator, limit)
     power_of_two: bool
     pattern: str  # a regex a string value must match; empty = any
+    pattern_text: str  # the pattern in words, for messages and docs
     secret: bool
     default: object
     description: str
@@ -206,7 +220,9 @@ class _Spec:
         if self.choices:
             return "one of " + ", ".join(self.choices)
         if self.kind is str:
-            return f"a string matching {self.pattern}" if self.pattern else "a string"
+            if self.pattern:
+                return self.pattern_text or f"a string matching {self.pattern}"
+            return "a string"
         noun = "an integer" if self.kind is int else "a number"
         noun = "a power of two" if self.power_of_two else noun
         limits = " and ".join(f"{op} {_num(limit)}" for op, limit in self.bounds)
@@ -249,6 +265,7 @@ def _build_specs() -> dict[str, _Spec]:
             bounds=bounds,
             power_of_two=bool(extra.get("power_of_two")),
             pattern=meta.pattern or "",
+            pattern_text=str(extra.get("format", "")),
             secret=bool(extra.get("secret")),
             default=field.default,
             description=meta.description or "",
