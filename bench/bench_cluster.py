@@ -351,3 +351,68 @@ def test_cluster(
             f"{handler} {side}: p50 {d['p50_ms']} ms, p99 {d['p99_ms']} ms, "
             f"{d['redis_ops_per_msg']} Redis commands/msg",
         )
+
+
+KNOBS = {  # side -> (ENGINE_PARTITIONS, ENGINE_BROKER_READ_COUNT, ENGINE_BATCH_SIZE)
+    "ringway": (64, 16, 256),  # the defaults
+    "partitions_16": (16, 16, 256),
+    "read_count_4": (64, 4, 256),
+    "read_count_64": (64, 64, 256),
+    "batch_size_1024": (64, 16, 1024),
+}
+
+
+async def knob_run(url: str, n: int, partitions: int, read_count: int, batch: int) -> Run:
+    """One in-process node (2 workers, no-op sink) with the given knobs, on its own namespace."""
+    r = redis.Redis.from_url(url)
+    ns = f"k{partitions}-{read_count}-{batch}"
+    cfg = Config.from_env(
+        {},
+        broker=url,
+        namespace=ns,
+        partitions=partitions,
+        workers=2,
+        sink="null",
+        node_id=ns,
+        broker_read_count=read_count,
+        batch_size=batch,
+        stats_interval_s=STATS_INTERVAL_S,
+    )
+    async with Engine(None, cfg) as eng:
+        await _wait(lambda: _is(eng, partitions), "one node holding every partition")
+        batch_items = items(n)
+        calls0 = command_calls(r)
+        t0 = time.perf_counter()
+        await eng.submit_many(batch_items)
+        await _wait(lambda: _delivered(eng, n), "delivery", DONE_TIMEOUT_S)
+        seconds = time.perf_counter() - t0
+        ops = (command_calls(r) - calls0) / n
+        stats = await _fresh_stats(eng, n)
+    r.close()
+    lat = stats["latency_start_s"]
+    return Run(n, seconds, _ms(lat["p50"]), _ms(lat["p99"]), ops)
+
+
+def test_cluster_knobs(
+    benchmark: BenchmarkFixture, group_tables: Tables, server: RedisServer
+) -> None:
+    """One node, null sink: what ENGINE_PARTITIONS, the read count and the entry size trade."""
+    if not benchmark.enabled:
+        pytest.skip("smoke run: the knob comparison runs with --benchmark-enable")
+    n = 100_000
+    sides: dict[str, Callable[[], Run]] = {
+        side: lambda k=knobs: asyncio.run(knob_run(server.url, n, *k))
+        for side, knobs in KNOBS.items()
+    }
+    runs = side_by_side(benchmark, sides, 3)
+    title = "cluster knobs (1 node, null sink; ringway = P 64, read 16, batch 256)"
+    record_rates(benchmark, group_tables, title, "knobs", runs)
+    for side, rs in runs.items():
+        note(
+            benchmark,
+            group_tables,
+            title,
+            f"{side} {KNOBS[side]}: p50 {statistics.median(r.p50_ms or 0 for r in rs)} ms, "
+            f"p99 {statistics.median(r.p99_ms or 0 for r in rs)} ms, "
+            f"{statistics.median(r.ops_per_msg for r in rs):.4f} Redis commands/msg",
+        )
