@@ -48,6 +48,7 @@ Handler = str | Callable[[Message], Any] | None
 MONITOR_RESTART_LIMIT = 5
 log = logging.getLogger("engine")
 SUBMIT_CHUNK = 4096  # submit_many validates and queues this many at a time
+CLUSTER_CHUNKS_IN_FLIGHT = 4  # cluster mode: chunks waiting for Redis at once
 
 
 class Engine:
@@ -368,7 +369,9 @@ class Engine:
                     # queued, in order, before the next is encoded.
                     sending = self.cluster.send(outs, opts.dedup_key, settled)
                     sends.append(asyncio.ensure_future(sending))
-                    await asyncio.sleep(0)
+                    await asyncio.sleep(0)  # it queues its messages now, before the next chunk
+                    if len(sends) > CLUSTER_CHUNKS_IN_FLIGHT:
+                        await sends[-CLUSTER_CHUNKS_IN_FLIGHT - 1]  # consumers get the loop too
                     continue
                 await d.enqueue_many(outs)
                 ids.extend(m[0] for m in outs)
