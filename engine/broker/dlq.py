@@ -13,7 +13,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-import msgspec
 from redis.asyncio import Redis
 
 from engine.core.deadletters import DeadLetterView, view
@@ -86,7 +85,3 @@ def replay_options(dl: DeadLetter) -> dict[str, Any]:
         "dedup_key": m.dedup_key,
         "reply_to": m.reply_to,
     }
-
-
-def payload_of(dl: DeadLetter) -> msgspec.Raw:
-    return dl.message.payload

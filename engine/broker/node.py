@@ -65,6 +65,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("engine.broker")
 ID_BITS = 40  # message ids: node number << 40 | a per-node counter
 MAX_NODE_SEQ = (1 << (63 - ID_BITS)) - 1
+_LEAVE_ERRORS: tuple[type[Exception], ...] = (*TRANSIENT, ResponseError)
 COMMAND_CONNECTIONS = 16  # acks, XADDs, leases, stats; the reply channel holds one of them
 
 
@@ -225,10 +226,12 @@ class ClusterNode:
             consumer.abort()
         self.consumers.clear()
         await self.producer.close()
-        with contextlib.suppress(*TRANSIENT, ResponseError):
+        try:
             await scripts.leave(
                 self.client, [self.keys.nodes, self.keys.node_info(self.node_id)], [self.node_id]
             )
+        except _LEAVE_ERRORS as exc:
+            log.info("left without saying so (the heartbeat expires instead): %s", exc)
         pending = [t for t in self.tasks if not t.done()]
         if pending:
             await asyncio.wait(pending, timeout=2.0)

@@ -19,6 +19,7 @@ from typing import Any
 
 from redis.asyncio import Redis
 
+from engine.broker.connection import TRANSIENT
 from engine.broker.partitions import GROUP, Keys
 
 REFRESH_S = 0.5
@@ -54,7 +55,7 @@ class ClusterStats:
         pipe.xlen(keys.dlq)
         try:
             out = await pipe.execute(raise_on_error=False)
-        except Exception as exc:  # stats must never break the caller: keep the last, say why
+        except TRANSIENT as exc:  # Redis away: keep the last snapshot and say why
             self.error = f"{type(exc).__name__}: {exc}"
             return
         nodes_scored, (secs, micros) = out[0], out[1]
