@@ -13,9 +13,12 @@ from tests.broker.redis_proc import RedisServer, running_redis
 _names = itertools.count(1)
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="module")
 def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
-    """One server for the tests that do not kill it (each uses its own namespace)."""
+    """One server per module for the tests that do not kill it (each has its own namespace).
+
+    Not per session: other suites check that no child process outlives their tests.
+    """
     with running_redis(tmp_path_factory.mktemp("redis")) as server:
         yield server
 
