@@ -4,11 +4,17 @@ A cluster node (``engine.broker``) owns partitions under leases; its workers mus
 stop delivering a partition's messages as soon as the lease may have passed to
 another node, even when the node itself is paused (SIGSTOP, swap) and cannot
 tell them.  So the node keeps, per partition, one 64-bit word in this segment:
-the CLOCK_MONOTONIC millisecond until which its lease is surely held (0: not
-held), published with one aligned 8-byte store (see ``ipc/ring.py`` on why
-never ``struct.pack_into``).  A worker reads the word before each delivery;
-CLOCK_MONOTONIC is machine-wide on Linux, so after a pause the workers see the
-deadline passed before any other process can act on it.
+the lease's generation (its epoch, low 24 bits, never 0) and the
+CLOCK_MONOTONIC millisecond until which the lease surely holds (40 bits); 0
+means not held.  The word is published with one aligned 8-byte store (see
+``ipc/ring.py`` on why never ``struct.pack_into``).  CLOCK_MONOTONIC is
+machine-wide on Linux, so after a pause the workers see the deadline passed
+before any other process can act on it.
+
+A worker that once found the deadline passed keeps refusing that partition for
+the rest of the generation (`FenceReader`), even if a late renewal moves the
+deadline on: a later message of a recipient must never be delivered after an
+earlier one was dropped.  Only a new generation (a new lease) opens it again.
 """
 
 from __future__ import annotations
@@ -17,6 +23,9 @@ import time
 
 from ipc.shm import Segment
 
+GEN_SHIFT = 40
+UNTIL_MASK = (1 << GEN_SHIFT) - 1
+GEN_MASK = (1 << 24) - 1
 CLOSED = 0
 
 
@@ -25,8 +34,13 @@ def now_ms() -> int:
     return time.monotonic_ns() // 1_000_000
 
 
+def generation_of(epoch: int) -> int:
+    """The lease epoch as a fence word holds it (24 bits, never 0, which means closed)."""
+    return epoch & GEN_MASK or 1
+
+
 class FenceTable:
-    """One deadline word per partition; the node writes, its workers read."""
+    """One word per partition; the node writes, its workers read."""
 
     def __init__(self, segment: Segment, partitions: int) -> None:
         if segment.size < partitions * 8:
@@ -44,16 +58,34 @@ class FenceTable:
     def attach(cls, name: str, partitions: int) -> FenceTable:
         return cls(Segment.attach(name), partitions)
 
-    def open_until(self, partition: int, until_ms: int) -> None:
-        self.words[partition] = until_ms
+    def open_until(self, partition: int, epoch: int, until_ms: int) -> None:
+        if not 0 <= until_ms <= UNTIL_MASK:
+            raise ValueError(f"deadline {until_ms} ms does not fit in {GEN_SHIFT} bits")
+        self.words[partition] = (generation_of(epoch) << GEN_SHIFT) | until_ms
 
     def close_partition(self, partition: int) -> None:
         self.words[partition] = CLOSED
 
-    def allows(self, partition: int, now: int) -> bool:
-        """True while ``partition``'s lease is surely held at ``now`` (monotonic ms)."""
-        return now < self.words[partition]
-
     def close(self) -> None:
         self.words.release()
         self.segment.close()
+
+
+class FenceReader:
+    """A worker's view of the table, with the stickiness described in the module docstring."""
+
+    def __init__(self, table: FenceTable) -> None:
+        self.words = table.words
+        self.refused: dict[int, int] = {}  # partition -> generation found expired
+
+    def allows(self, partition: int, now: int) -> bool:
+        word = self.words[partition]
+        generation = word >> GEN_SHIFT
+        if generation == CLOSED:
+            return False
+        if self.refused.get(partition) == generation:
+            return False
+        if now < word & UNTIL_MASK:
+            return True
+        self.refused[partition] = generation
+        return False

@@ -100,7 +100,7 @@ class Balancer:
         for p, lease in list(self.leases.items()):
             if p not in wanted and not lease.leaving and not lease.lost:
                 self.give_back(lease)
-        free = sorted(p for p in wanted if p not in self.leases)
+        free = sorted(p for p in wanted if p not in self.leases and self.node.may_acquire(p))
         if free:
             await self.acquire(free)
 
@@ -150,10 +150,12 @@ class Balancer:
 
         Written first, checked second: a worker that read the old word before this
         store did so before now, so if now is still before the old deadline no
-        worker has dropped a message of this epoch.
+        worker has dropped a message of this epoch.  A worker that did drop one
+        keeps refusing the partition for this generation (`ipc.fence.FenceReader`),
+        so the moment the new deadline is visible cannot reorder anything.
         """
         old = lease.deadline_ms
-        self.node.fence.open_until(lease.partition, deadline)
+        self.node.fence.open_until(lease.partition, lease.epoch, deadline)
         if now_ms() >= old:
             self.lose(lease, "renewed only after the lease's deadline had passed")
             return
@@ -206,7 +208,7 @@ class Balancer:
                 continue  # the reply came too late to use; it expires and is taken next tick
             lease = Lease(p, epoch, f"{node.node_id}/{epoch}", deadline)
             self.leases[p] = lease
-            self.node.fence.open_until(p, deadline)
+            self.node.fence.open_until(p, epoch, deadline)
             self.counts["acquired"] += 1
             node.partition_acquired(lease)
 

@@ -84,6 +84,7 @@ class PartitionConsumer:
         self.stopping = False
         self.changed = asyncio.Event()  # a group was added or acked, or stopping
         self.reader: asyncio.Task[None] | None = None
+        self.feeding: asyncio.Future[None] | None = None  # the feed in progress, if any
         self.acker: asyncio.Task[None] | None = None
         self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
 
@@ -143,7 +144,10 @@ class PartitionConsumer:
                     continue
                 cursor = entries[-1][0]
             if entries:
-                await self._feed(entries, poison)
+                # Shielded: an abort must not leave messages in the rings without their
+                # group's marks (the node waits for those before taking the partition again).
+                self.feeding = asyncio.ensure_future(self._feed(entries, poison))
+                await asyncio.shield(self.feeding)
         self.changed.set()
 
     async def _read(self, cursor: bytes, block: int | None) -> list[tuple[bytes, Any]]:
@@ -346,6 +350,19 @@ class PartitionConsumer:
         node.counts["acked_entries"] += len(ids)
         node.counts["acked_messages"] += sum(g.messages for g in batch)
         node.counts["dlq_written"] += len(letters)
+
+    async def stale_marks(self) -> list[tuple[int, int, int]]:
+        """After an abort: the ring marks every message this consumer fed is behind.
+
+        Until the local engine has settled past them, messages of the lost epoch may
+        still wait in the rings (the fence drops them as they come); a new epoch of
+        the partition on this node must not start before, or an old message could be
+        delivered after a newer one's re-read copy.
+        """
+        if self.feeding is not None:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await asyncio.shield(self.feeding)
+        return [m for g in self.groups for m in g.marks]
 
     async def wait_stopped(self) -> None:
         for task in (self.reader, self.acker):

@@ -19,7 +19,7 @@ from typing import Any
 from engine.config import Config
 from engine.worker.sinks import Sink, make_sink
 from ipc.codec import Message
-from ipc.fence import FenceTable, now_ms
+from ipc.fence import FenceReader, FenceTable, now_ms
 
 _CACHE_MAX = 1 << 16
 
@@ -33,17 +33,19 @@ class FencedDelivery:
         self.config = config
         self.handler = handler
         self._table: FenceTable | None = None
+        self._reader: FenceReader | None = None
         self._sink: Sink | None = None
         self._partition_of: dict[str, int] = {}
 
     def __getstate__(self) -> dict[str, Any]:
         state = dict(self.__dict__)
-        state.update(_table=None, _sink=None, _partition_of={})
+        state.update(_table=None, _reader=None, _sink=None, _partition_of={})
         return state
 
     def _inner(self) -> Sink:
         if self._sink is None:
             self._table = FenceTable.attach(self.table_name, self.partitions)
+            self._reader = FenceReader(self._table)
             self._sink = make_sink(self.config, self.handler)
         return self._sink
 
@@ -56,9 +58,9 @@ class FencedDelivery:
             if len(cache) >= _CACHE_MAX:
                 cache.clear()
             cache[msg.recipient] = p
-        table = self._table
-        assert table is not None
-        return table.allows(p, now_ms())
+        reader = self._reader
+        assert reader is not None
+        return reader.allows(p, now_ms())
 
     def __call__(self, msg: Message) -> Any:
         sink = self._inner()

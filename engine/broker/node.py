@@ -96,6 +96,9 @@ class ClusterNode:
         self.closed = False
         self.stopping = False
         self.consumers: dict[int, PartitionConsumer] = {}
+        # Partitions this node lost, with the marks their stale messages are behind
+        # (None while those are being gathered): not taken again before those settled.
+        self.quarantine: dict[int, list[tuple[int, int, int]] | None] = {}
         self.tasks: set[asyncio.Task[Any]] = set()
         self.counts = dict.fromkeys(
             ("fed", "acked_entries", "acked_messages", "dlq_written", "abandoned_entries"), 0
@@ -255,6 +258,24 @@ class ClusterNode:
             del self.consumers[lease.partition]
             self.counts["abandoned_entries"] += consumer.unacked
             consumer.abort()
+            self.quarantine[lease.partition] = None
+            self.spawn(self._quarantine(lease.partition, consumer))
+
+    async def _quarantine(self, p: int, consumer: PartitionConsumer) -> None:
+        self.quarantine[p] = await consumer.stale_marks()
+
+    def may_acquire(self, p: int) -> bool:
+        """False while messages of an epoch this node lost may still wait in its rings."""
+        if p not in self.quarantine:
+            return True
+        marks = self.quarantine[p]
+        d = self.engine.dispatcher
+        if marks is None or d is None:
+            return False
+        if all(d.acked[s][lane] >= pos for s, lane, pos in marks):
+            del self.quarantine[p]
+            return True
+        return False
 
     async def partition_finish(self, lease: Lease) -> None:
         consumer = self.consumers.get(lease.partition)
