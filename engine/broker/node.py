@@ -27,7 +27,7 @@ import itertools
 import logging
 import os
 import time
-from collections.abc import Coroutine, Sequence
+from collections.abc import Coroutine, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 import msgspec
@@ -53,20 +53,22 @@ from engine.broker.replies import Replies
 from engine.broker.stats import ClusterStats
 from engine.config import ConfigError
 from engine.core.deadletters import DeadLetterView
-from engine.errors import EngineClosed, RequestTimeout
+from engine.errors import EngineClosed, EngineError, RequestTimeout
 from ipc.fence import FenceTable
 from ipc.records import DeadLetter
 from ipc.shm import new_engine_prefix
 
 if TYPE_CHECKING:
-    from engine.core.dispatcher import Dispatcher, Outgoing
+    from engine.core.dispatcher import Dispatcher, Options, Outgoing
     from engine.core.engine import Engine
 
 log = logging.getLogger("engine.broker")
 ID_BITS = 40  # message ids: node number << 40 | a per-node counter
 MAX_NODE_SEQ = (1 << (63 - ID_BITS)) - 1
 _LEAVE_ERRORS: tuple[type[Exception], ...] = (*TRANSIENT, ResponseError)
-COMMAND_CONNECTIONS = 16  # acks, XADDs, leases, stats; the reply channel holds one of them
+COMMAND_CONNECTIONS = 16
+SUBMIT_CHUNK = 4096  # messages validated and sent at a time, as the embedded engine does
+CHUNKS_IN_FLIGHT = 4  # acks, XADDs, leases, stats; the reply channel holds one of them
 
 
 class ClusterNode:
@@ -303,6 +305,46 @@ class ClusterNode:
     ) -> tuple[list[int], list[tuple[int, int, int]]]:
         ids, entries = await self.producer.send(outs, dedup_key, notify=settled)
         marks = [(p, *_split_id(eid)) for p, eid in entries]
+        return ids, marks
+
+    async def submit_marked(
+        self, items: Iterable[tuple[str, Any]], options: Options, settled: bool, raw_checked: bool
+    ) -> tuple[list[int], list[tuple[int, int, int]]]:
+        """``Engine.submit_marked`` in cluster mode: validate and send chunk by chunk.
+
+        Up to CHUNKS_IN_FLIGHT chunks wait for Redis together (their messages make
+        fuller stream entries); each is queued, in order, before the next is encoded,
+        and the wait for the oldest lets this node's consumers have the loop too.
+        """
+        d = self.dispatcher()
+        sends: list[asyncio.Future[tuple[list[int], list[tuple[int, int, int]]]]] = []
+        queued = 0
+        it = iter(items)
+        try:
+            while chunk := list(itertools.islice(it, SUBMIT_CHUNK)):
+                try:
+                    outs = d.build_many(chunk, options, raw_checked=raw_checked)
+                except (ValueError, EngineError) as exc:
+                    raise type(exc)(
+                        f"{exc} (item {queued} or later; the {queued} items before "
+                        f"this chunk of {len(chunk)} were queued, none after)"
+                    ) from exc
+                queued += len(outs)
+                sends.append(asyncio.ensure_future(self.send(outs, options.dedup_key, settled)))
+                await asyncio.sleep(0)  # it queues its messages now, before the next chunk
+                if len(sends) > CHUNKS_IN_FLIGHT:
+                    await sends[-CHUNKS_IN_FLIGHT - 1]
+        except BaseException:
+            # What was queued goes to Redis anyway; only the waiting for it stops here.
+            for waiting in sends:
+                waiting.cancel()
+            await asyncio.gather(*sends, return_exceptions=True)
+            raise
+        ids: list[int] = []
+        marks: list[tuple[int, int, int]] = []
+        for got, entry_marks in await asyncio.gather(*sends):
+            ids += got
+            marks += entry_marks
         return ids, marks
 
     async def wait_settled(self, marks: Sequence[tuple[int, int, int]]) -> None:

@@ -13,7 +13,7 @@ the package map's arrows pointing down: ``engine.broker`` builds on the core).
 from __future__ import annotations
 
 import importlib
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any, Protocol
 
 from engine.core.deadletters import DeadLetterView
@@ -33,6 +33,10 @@ class Cluster(Protocol):
 
     async def send(
         self, outs: list[Outgoing], dedup_key: str, settled: bool
+    ) -> tuple[list[int], list[Mark]]: ...
+
+    async def submit_marked(
+        self, items: Iterable[tuple[str, Any]], options: Any, settled: bool, raw_checked: bool
     ) -> tuple[list[int], list[Mark]]: ...
 
     async def wait_settled(self, marks: Sequence[Mark]) -> None: ...

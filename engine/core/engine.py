@@ -48,7 +48,6 @@ Handler = str | Callable[[Message], Any] | None
 MONITOR_RESTART_LIMIT = 5
 log = logging.getLogger("engine")
 SUBMIT_CHUNK = 4096  # submit_many validates and queues this many at a time
-CLUSTER_CHUNKS_IN_FLIGHT = 4  # cluster mode: chunks waiting for Redis at once
 
 
 class Engine:
@@ -348,44 +347,24 @@ class Engine:
         """
         d = self._dispatcher()
         opts = d.options(**options) if options else d.default_options
+        if self.cluster is not None:
+            return await self.cluster.submit_marked(items, opts, settled, raw_checked)
         ids: list[int] = []
         marks: list[tuple[int, int, int]] = []
-        sends: list[asyncio.Future[tuple[list[int], list[tuple[int, int, int]]]]] = []
-        queued = 0
         it = iter(items)
-        try:
-            # Chunks keep the workers busy while later items are still being encoded.
-            while chunk := list(itertools.islice(it, SUBMIT_CHUNK)):
-                try:
-                    outs = d.build_many(chunk, opts, raw_checked=raw_checked)
-                except (ValueError, EngineError) as exc:
-                    raise type(exc)(
-                        f"{exc} (item {queued} or later; the {queued} items before "
-                        f"this chunk of {len(chunk)} were queued, none after)"
-                    ) from exc
-                queued += len(outs)
-                if self.cluster is not None:
-                    # Cluster mode: chunks travel together (fuller stream entries); each is
-                    # queued, in order, before the next is encoded.
-                    sending = self.cluster.send(outs, opts.dedup_key, settled)
-                    sends.append(asyncio.ensure_future(sending))
-                    await asyncio.sleep(0)  # it queues its messages now, before the next chunk
-                    if len(sends) > CLUSTER_CHUNKS_IN_FLIGHT:
-                        await sends[-CLUSTER_CHUNKS_IN_FLIGHT - 1]  # consumers get the loop too
-                    continue
-                await d.enqueue_many(outs)
-                ids.extend(m[0] for m in outs)
-                if settled:
-                    marks += await d.settle_marks(outs)
-        except BaseException:
-            # What was queued goes to Redis anyway; only the waiting for it stops here.
-            for waiting in sends:
-                waiting.cancel()
-            await asyncio.gather(*sends, return_exceptions=True)
-            raise
-        for got, entry_marks in await asyncio.gather(*sends):
-            ids += got
-            marks += entry_marks
+        # Chunks keep the workers busy while later items are still being encoded.
+        while chunk := list(itertools.islice(it, SUBMIT_CHUNK)):
+            try:
+                outs = d.build_many(chunk, opts, raw_checked=raw_checked)
+            except (ValueError, EngineError) as exc:
+                raise type(exc)(
+                    f"{exc} (item {len(ids)} or later; the {len(ids)} items before "
+                    f"this chunk of {len(chunk)} were queued, none after)"
+                ) from exc
+            await d.enqueue_many(outs)
+            ids.extend(m[0] for m in outs)
+            if settled:
+                marks += await d.settle_marks(outs)
         return ids, marks
 
     async def wait_settled(self, marks: list[tuple[int, int, int]]) -> None:
