@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 
 from engine.batches import BatchRequest, BatchResult, BatchResults
 from engine.config import Config, ConfigError
+from engine.core import cluster as _cluster
 from engine.errors import (
     DrainTimeout,
     EngineClosed,
@@ -63,3 +64,14 @@ def __getattr__(name: str) -> Any:
 
         return SyncEngine
     raise AttributeError(f"module 'engine' has no attribute {name!r}")
+
+
+def _cluster_node(engine: Any) -> Any:
+    """Cluster mode's node for ``engine``: imported only when a broker URL is configured."""
+    from engine.broker.node import ClusterNode
+
+    return ClusterNode(engine)
+
+
+# The package sits above both engine.core and engine.broker, so it wires them here.
+_cluster.register(_cluster_node)

@@ -23,6 +23,8 @@ MiB = 1 << 20
 GiB = 1 << 30
 _POW2 = {"power_of_two": True}  # Meta extra: the value must be a power of two
 _SECRET = {"secret": True}  # Meta extra: never print the value
+_URL = {"format": "empty, or a redis://, rediss:// or unix:// URL"}  # Meta extra: the pattern
+_NAME = {"format": "letters, digits, '_', '.' and '-'"}
 
 
 class ConfigError(EngineError):
@@ -167,6 +169,41 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     rate_burst: Annotated[
         int, Meta(ge=0, le=10**9, description="Burst above the rate; 0 = one second's worth.")
     ] = 0
+    # -- cluster mode (engine.broker); inert while ``broker`` is empty ----------------
+    broker: Annotated[
+        str,
+        Meta(
+            pattern=r"^$|^(redis|rediss|unix)://",
+            extra=_URL,
+            description="Cluster mode: redis://HOST:PORT/DB, rediss:// or unix://; empty = off.",
+        ),
+    ] = ""
+    partitions: Annotated[
+        int,
+        Meta(ge=1, le=16384, description="Partition streams; fixed for a namespace once stored."),
+    ] = 64
+    namespace: Annotated[
+        str,
+        Meta(
+            pattern=r"^[A-Za-z0-9_.-]+$",
+            extra=_NAME,
+            description="Key prefix of the cluster's keys.",
+        ),
+    ] = "ringway"
+    node_id: Annotated[
+        str,
+        Meta(
+            pattern=r"^[A-Za-z0-9_.-]*$",
+            extra=_NAME,
+            description="This node's name; empty = host-pid.",
+        ),
+    ] = ""
+    lease_ttl_s: Annotated[
+        float, Meta(ge=0.2, le=600, description="Partition lease; a dead node's expire after it.")
+    ] = 5.0
+    broker_read_count: Annotated[
+        int, Meta(ge=1, le=10000, description="Stream entries per XREADGROUP of one partition.")
+    ] = 16
 
     def __post_init__(self) -> None:
         """Check values built directly in code too, so no path skips validation."""
@@ -203,6 +240,8 @@ class _Spec:
     choices: tuple[str, ...]  # non-empty for Literal fields
     bounds: tuple[tuple[str, float], ...]  # (operator, limit)
     power_of_two: bool
+    pattern: str  # a regex a string value must match; empty = any
+    pattern_text: str  # the pattern in words, for messages and docs
     secret: bool
     default: object
     description: str
@@ -213,6 +252,8 @@ class _Spec:
         if self.choices:
             return "one of " + ", ".join(self.choices)
         if self.kind is str:
+            if self.pattern:
+                return self.pattern_text or f"a string matching {self.pattern}"
             return "a string"
         noun = "an integer" if self.kind is int else "a number"
         noun = "a power of two" if self.power_of_two else noun
@@ -255,6 +296,8 @@ def _build_specs() -> dict[str, _Spec]:
             choices=choices,
             bounds=bounds,
             power_of_two=bool(extra.get("power_of_two")),
+            pattern=meta.pattern or "",
+            pattern_text=str(extra.get("format", "")),
             secret=bool(extra.get("secret")),
             default=field.default,
             description=meta.description or "",
@@ -282,6 +325,8 @@ def _check(spec: _Spec, raw: object, label: str) -> tuple[object, str | None]:
     ok = value is not _INVALID
     if ok and spec.choices:
         ok = value in spec.choices
+    elif ok and spec.pattern:
+        ok = isinstance(value, str) and re.search(spec.pattern, value) is not None
     elif ok and spec.kind is not str:
         ok = all(_OPS[op](value, limit) for op, limit in spec.bounds)  # NaN fails here
         if ok and spec.power_of_two:

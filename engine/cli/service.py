@@ -255,10 +255,56 @@ def print_stats(stats: dict[str, Any], title: str = "") -> None:
             f"{w['rss_bytes'] / 2**20:.1f}",
         )
     console.print(workers)
+    cluster = stats.get("cluster")
+    if cluster:
+        print_cluster(console, cluster)
     service = stats.get("service")
     if service:
         parts = [f"{k}={v}" for k, v in service.items() if k != "addresses"]
         console.print("service: " + "  ".join(parts))
+
+
+def print_cluster(console: Any, cluster: dict[str, Any]) -> None:
+    """Cluster mode: the nodes and what each owns, then every partition's backlog and pending."""
+    from rich.table import Table
+
+    where = f"{cluster['namespace']} on {cluster['broker']}"
+    nodes = Table(title=f"cluster {where} (this node: {cluster['node']})")
+    for col in ("node", "partitions", "accepted", "delivered", "heartbeat expires in s"):
+        nodes.add_column(col, justify="right")
+    for n in cluster.get("nodes", []):
+        nodes.add_row(
+            n["node"],
+            f"{len(n['partitions'])}: {_ranges(n['partitions'])}",
+            f"{n.get('accepted', 0):,}",
+            f"{n.get('delivered', 0):,}",
+            f"{n.get('heartbeat_expires_in_s', 0):.2f}",
+        )
+    console.print(nodes)
+    parts = Table(title="partitions (backlog and pending count stream entries)")
+    for col in ("partition", "owner", "epoch", "backlog", "pending", "length"):
+        parts.add_column(col, justify="right")
+    for row in cluster.get("partition_table", []):
+        parts.add_row(
+            str(row["partition"]), row["owner"] or "-", str(row["epoch"]),
+            f"{row['backlog']:,}", f"{row['pending']:,}", f"{row['length']:,}",
+        )  # fmt: skip
+    console.print(parts)
+    console.print(
+        f"backlog {cluster.get('backlog', 0):,}  pending {cluster.get('pending', 0):,}  "
+        f"dlq {cluster.get('dlq_length', 0):,}  unowned {cluster.get('unowned', [])}"
+    )
+
+
+def _ranges(ps: list[int]) -> str:
+    """[0, 1, 2, 5] -> '0-2,5'."""
+    out: list[str] = []
+    for p in sorted(ps):
+        if out and out[-1].split("-")[-1] == str(p - 1):
+            out[-1] = f"{out[-1].split('-')[0]}-{p}"
+        else:
+            out.append(str(p))
+    return ",".join(out)
 
 
 # -- send -------------------------------------------------------------------------------

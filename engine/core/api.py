@@ -26,6 +26,7 @@ from engine.batches import (
 )
 from engine.core.batch import BatchRun, Outcome, prepare
 from engine.core.cache import ResponseCache, cache_key, shared
+from engine.core.cluster import Cluster
 from engine.core.stats import build_stats
 from engine.errors import EngineClosed, EngineError, RequestTimeout
 from ipc.codec import Kind, pack_payload
@@ -50,6 +51,7 @@ class EngineAPI:
     cache: ResponseCache  # cacheable requests' answers (engine.core.cache)
     dedup: DedupWindow | None  # dedup_keys seen (engine.core.dedup); None when the window is 0
     abandoned: int  # set by Engine.stop
+    cluster: Cluster | None  # cluster mode (ENGINE_BROKER): the node; None when embedded
 
     def _dispatcher(self) -> Dispatcher:
         if self.dispatcher is None or self.dispatcher.closed:
@@ -62,6 +64,10 @@ class EngineAPI:
         A ``dedup_key`` already accepted (for the same ``user``) within
         ENGINE_DEDUP_WINDOW_S returns the first message's id and queues nothing.
         """
+        if self.cluster is not None:  # accepted once Redis has it (dedup there, cluster-wide)
+            out = self._dispatcher().build(recipient, payload, **options)
+            ids, _ = await self.cluster.send([out], options.get("dedup_key", ""), False)
+            return ids[0]
         if options.get("dedup_key") and self.dedup is not None:
             return (await self.submit_many([(recipient, payload)], **options))[0]
         d = self._dispatcher()
@@ -72,6 +78,11 @@ class EngineAPI:
     def submit_nowait(self, recipient: str, payload: Any = None, **options: Any) -> int:
         """Queue one message or raise QueueFull at once (nothing is queued then)."""
         d = self._dispatcher()
+        if self.cluster is not None:
+            raise EngineError(
+                "submit_nowait is not available in cluster mode: a message is accepted only "
+                "once Redis has it; use submit"
+            )
         key = options.get("dedup_key")
         if key and self.dedup is not None:
             user = options.get("user", "")
@@ -112,7 +123,7 @@ class EngineAPI:
             items, settled=settled, raw_checked=raw_checked, dedup_keys=dedup_keys, **options
         )
         if marks:
-            await self._dispatcher().wait_settled(marks)
+            await self.wait_settled(marks)
         return ids
 
     async def submit_marked(
@@ -131,6 +142,13 @@ class EngineAPI:
         """
         d = self._dispatcher()
         opts = d.options(**options) if options else d.default_options
+        if self.cluster is not None:
+            if dedup_keys is not None:
+                raise EngineError(
+                    "dedup_keys (one key per item) is not available in cluster mode; "
+                    "submit the items one by one with dedup_key"
+                )
+            return await self.cluster.submit_marked(items, opts, settled, raw_checked)
         return await self._queue(items, opts, settled, raw_checked, dedup_keys, dedup=True)
 
     async def _queue(
@@ -238,6 +256,9 @@ class EngineAPI:
 
     async def wait_settled(self, marks: list[tuple[int, int, int]]) -> None:
         """Return once the messages behind ``marks`` (from ``submit_marked``) are settled."""
+        if self.cluster is not None:
+            await self.cluster.wait_settled(marks)
+            return
         await self._dispatcher().wait_settled(marks)
 
     async def request(
@@ -301,6 +322,9 @@ class EngineAPI:
         cid = next(d.ids)
         options.setdefault("ttl", timeout)
         out = d.build(recipient, payload, kind=Kind.REQUEST, correlation_id=cid, **options)
+        if self.cluster is not None:
+            raw: msgspec.Raw = await self.cluster.request(out, cid, timeout)
+            return raw
         fut: asyncio.Future[msgspec.Raw] = asyncio.get_running_loop().create_future()
         d.futures[cid] = fut
 
@@ -414,7 +438,14 @@ class EngineAPI:
         return ids
 
     async def drain(self, timeout: float | None = None) -> bool:
-        """Wait until every submitted message is settled; False if ``timeout`` passed first."""
+        """Wait until every submitted message is settled; False if ``timeout`` passed first.
+
+        In cluster mode: until everything this node accepted is in Redis (delivering it
+        is the partition owners' part; ``stop`` settles what this node owns).
+        """
+        if self.cluster is not None:
+            self._dispatcher()
+            return await self.cluster.drain(timeout)
         return await self._dispatcher().drain(timeout)
 
     def stats(self) -> dict[str, Any]:
@@ -427,6 +458,8 @@ class EngineAPI:
         stats["cache"] = self.cache.stats()
         dedup = self.dedup
         stats["dedup"] = dedup.stats() if dedup else {"keys": 0, "suppressed": 0, "evicted": 0}
+        if self.cluster is not None:
+            stats["cluster"] = self.cluster.stats()
         return stats
 
     def dead_letters(self) -> list[DeadLetter]:
@@ -435,8 +468,13 @@ class EngineAPI:
         return self.dispatcher.dead.items()
 
     async def replay_dead_letters(self) -> int:
-        """Resubmit every stored dead letter as a fresh message (attempts reset)."""
+        """Resubmit every stored dead letter as a fresh message (attempts reset).
+
+        In cluster mode: every letter of the cluster's DLQ stream.
+        """
         d = self._dispatcher()
+        if self.cluster is not None:
+            return await self.cluster.replay_dead_letters()
         items = d.dead.take_all()
         for dl in items:
             m = dl.message

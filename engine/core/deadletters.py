@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import IO, Any
 
 import msgspec
@@ -39,9 +40,14 @@ class DeadLetterStore:
         self.path = path
         self.closed = False
         self._anonymous = 0
+        # Cluster mode: every settled letter also goes to the DLQ stream (engine.broker),
+        # a repeat too (the first may belong to an epoch that was never acknowledged).
+        self.forward: Callable[[DeadLetter], None] | None = None
 
     def add(self, dl: DeadLetter) -> bool:
         """Store ``dl``; False if this message id was already dead-lettered."""
+        if self.forward is not None:
+            self.forward(dl)
         mid = dl.message.id
         if mid == 0:  # an undecodable message has no id: keep every one
             self._anonymous -= 1

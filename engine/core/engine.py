@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 from engine.config import Config
 from engine.core.api import EngineAPI
 from engine.core.cache import ResponseCache
+from engine.core.cluster import Cluster
 from engine.core.dedup import DedupWindow
 from engine.core.dispatcher import Dispatcher
 from engine.core.supervisor import MonitorSupervisor
@@ -57,6 +58,7 @@ class Engine(EngineAPI):
         self.cache = ResponseCache(cfg.cache_size, cfg.cache_ttl_s)
         self.dedup = DedupWindow(cfg.dedup_window_s, cfg.dedup_max) if cfg.dedup_window_s else None
         self._host = LoopThread()  # the loop thread of ``with Engine(...)``
+        self.cluster: Cluster | None = None  # cluster mode (ENGINE_BROKER): the node
 
     # What the monitor supervisor learns, under the names callers know.
     @property
@@ -80,6 +82,11 @@ class Engine(EngineAPI):
 
     # -- start / stop ------------------------------------------------------------
     async def start(self) -> None:
+        if self.config.broker and self.cluster is None:
+            from engine.core.cluster import load_cluster
+
+            # Before the monitor starts: the node wraps the workers' sink in its lease fence.
+            self.cluster = load_cluster(self)
         cfg = self.config
         sweep_stale_segments()
         check_shm_space(cfg.workers * shard_bytes(cfg.ring_bytes, cfg.return_ring_bytes))
@@ -97,7 +104,11 @@ class Engine(EngineAPI):
                 )
             self.dispatcher = Dispatcher(cfg, self.shards, self.wakeups)
             await self.supervisor.start(self.shards)
+            if self.cluster is not None:
+                await self.cluster.start()
         except BaseException:
+            if self.cluster is not None:
+                await self.cluster.stop(0, fast=True)
             await self._teardown()
             raise
 
@@ -124,6 +135,9 @@ class Engine(EngineAPI):
         monitor_up = self.monitor is not None and self.monitor.exitcode is None
         self._stop_reason = "the stop was interrupted"
         try:
+            if self.cluster is not None:
+                # Settle and ack what the node holds, give its partitions back, leave.
+                await self.cluster.stop(wait, fast)
             if fast:
                 self._stop_reason = "fast stop"
             elif not monitor_up:

@@ -166,6 +166,8 @@ def make_app(service: Service) -> web.Application:
         return _reply(200, {"status": "ok"})
 
     async def stats(request: web.Request) -> web.Response:
+        if service.engine.cluster is not None:
+            await service.engine.cluster.refresh_stats()  # the cluster as Redis has it now
         return _reply(200, service.stats())
 
     async def metrics(request: web.Request) -> web.Response:
@@ -272,6 +274,8 @@ def make_app(service: Service) -> web.Application:
     async def dead_letters(request: web.Request) -> web.Response:
         from engine.core.deadletters import view
 
+        if service.engine.cluster is not None:  # the cluster's DLQ stream
+            return _reply(200, await service.engine.cluster.dead_letters())
         return _reply(200, [view(dl) for dl in service.engine.dead_letters()])
 
     async def replay(request: web.Request) -> web.Response:

@@ -102,6 +102,9 @@ class Service:
         if not stats["monitor"]["alive"]:
             problems.append("monitor down")
         problems += [f"worker {w['worker']} down" for w in stats["workers"] if not w["alive"]]
+        cluster = stats.get("cluster")
+        if cluster is not None and not cluster["leases"]["connected"]:
+            problems.append(f"redis unreachable: {cluster['leases']['last_error']}")
         warn = self.config.ring_warn_ratio
         problems += [
             f"ring fill of lane {lane} is {fill:.0%} (warning at {warn:.0%})"
@@ -167,8 +170,21 @@ class Service:
                 "socket": self.addresses.get("socket", ""),
                 "auth": self.users.required,
                 "users": len(self.users.names),
+                **self._cluster_fields(),
             },
         )
+
+    def _cluster_fields(self) -> dict[str, Any]:
+        """Cluster mode's part of the start-up line (nothing in embedded mode)."""
+        stats = self.engine.stats().get("cluster")
+        if stats is None:
+            return {}
+        return {
+            "broker": stats["broker"],
+            "node": stats["node"],
+            "namespace": stats["namespace"],
+            "partitions": stats["partitions"],
+        }
 
     def install_signals(self) -> None:
         loop = asyncio.get_running_loop()
@@ -248,7 +264,9 @@ class Service:
             # and the HTTP cleanup below would otherwise wait for them.
             await self.engine.stop(0, fast=True)
         await self._close_servers(0)
-        await self.engine.stop(0)
+        # Cluster mode settles, acks and hands back its partitions inside stop(): give it
+        # what is left of the shutdown time (the embedded engine has drained already).
+        await self.engine.stop(max(0.0, deadline - loop.time()))
         # After the stop: the engine's own count of what it abandoned (Engine.stop).
         stats = self.engine.stats()
         fields = {k: stats[k] for k in STOP_OUTCOMES}
