@@ -142,7 +142,7 @@ class ClusterNode:
         await scripts.load_all(self.client)
         await self._namespace()
         d = self.dispatcher()
-        d.ids = itertools.count((self.node_seq << ID_BITS) | 1)
+        d.ids = d.builder.ids = itertools.count((self.node_seq << ID_BITS) | 1)
         d.dead.forward = self.on_dead_letter
         await self.replies.start()
         self.producer.start()

@@ -87,6 +87,8 @@ class Engine(EngineAPI):
 
             # Before the monitor starts: the node wraps the workers' sink in its lease fence.
             self.cluster = load_cluster(self)
+            # The node fenced the workers' sink (handler and config): spawn them with it.
+            self.supervisor.handler, self.supervisor.config = self.handler, self.config
         cfg = self.config
         sweep_stale_segments()
         check_shm_space(cfg.workers * shard_bytes(cfg.ring_bytes, cfg.return_ring_bytes))
