@@ -125,6 +125,23 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     ring_warn_ratio: Annotated[
         float, Meta(ge=0, le=1, description="Ring fill ratio at which /healthz says unhealthy.")
     ] = 0.8
+    degraded_failure_ratio: Annotated[
+        float,
+        Meta(
+            gt=0,
+            le=1,
+            description="Failed share of delivery attempts over the last stats interval "
+            "at which /healthz says degraded.",
+        ),
+    ] = 0.5
+    backlog_top: Annotated[
+        int,
+        Meta(
+            ge=0,
+            le=1000,
+            description="Recipients with the largest backlog in /stats and /metrics; 0 = off.",
+        ),
+    ] = 10
     start_method: Annotated[
         Literal["auto", "fork", "forkserver", "spawn"], Meta(description="Process start method.")
     ] = "auto"

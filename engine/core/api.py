@@ -199,10 +199,11 @@ class EngineAPI:
             raise EngineClosed("the engine was never started")
         return self.dispatcher.dead.items()
 
-    async def replay_dead_letters(self) -> int:
-        """Resubmit every stored dead letter as a fresh message (attempts reset)."""
+    async def replay_dead_letters(self, ids: Iterable[int] | None = None) -> int:
+        """Resubmit the stored dead letters (only those of message ``ids`` when given) as
+        fresh messages, attempts reset; returns how many were resubmitted."""
         d = self._dispatcher()
-        items = d.dead.take_all()
+        items = d.dead.take_all() if ids is None else d.dead.take(ids)
         for dl in items:
             m = dl.message
             msg = d.build(

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from engine.config import Config
 from engine.core.api import EngineAPI
 from engine.core.dispatcher import Dispatcher
+from engine.core.events import EventLog
 from engine.core.supervisor import MonitorSupervisor
 from engine.core.sync import LoopThread, SyncEngine
 from engine.errors import EngineError
@@ -40,7 +41,8 @@ class Engine(EngineAPI):
         self.shards: list[ShardMemory] = []
         self.wakeups: EngineWakeups | None = None
         self.dispatcher: Dispatcher | None = None
-        self.supervisor = MonitorSupervisor(self.config, handler)
+        self.events = EventLog()  # worker deaths, respawns, dead letters, ...: logged, kept
+        self.supervisor = MonitorSupervisor(self.config, handler, self.events)
         self._host = LoopThread()  # the loop thread of ``with Engine(...)``
 
     # What the monitor supervisor learns, under the names callers know.
@@ -77,7 +79,7 @@ class Engine(EngineAPI):
                         prefix, i, self.wakeups, cfg.ring_bytes, cfg.return_ring_bytes
                     )
                 )
-            self.dispatcher = Dispatcher(cfg, self.shards, self.wakeups)
+            self.dispatcher = Dispatcher(cfg, self.shards, self.wakeups, self.events)
             await self.supervisor.start(self.shards)
         except BaseException:
             await self._teardown()
