@@ -38,8 +38,9 @@ function drawLineChart(svg, series, windowS) {
   yMax = niceCeil(yMax * 1.05);
   const x = (t) => L + ((t - tMin) / windowS) * (W - L - R);
   const y = (v) => T + (1 - v / yMax) * (H - T - B);
-  for (let i = 0; i <= 4; i++) {
-    const v = (yMax * i) / 4;
+  const steps = String(yMax)[0] === "2" ? 4 : 5;  // 0.5, 1 or 2 x 10^n between lines
+  for (let i = 0; i <= steps; i++) {
+    const v = (yMax * i) / steps;
     svg.appendChild(svgEl("line", { class: i ? "grid" : "axis", x1: L, x2: W - R, y1: y(v), y2: y(v) }));
     svg.appendChild(svgEl("text", { x: L - 4, y: y(v) + 3, "text-anchor": "end" }, shortNumber(v)));
   }
