@@ -149,7 +149,8 @@ def test_a_dead_letters_replay_button_resubmits_it(page: Page, tmp_path: Path) -
 
 
 def test_with_a_token_the_page_asks_for_it_once(page: Page, tmp_path: Path) -> None:
-    with running_service(tmp_path, ENGINE_SINK="null", ENGINE_AUTH_TOKEN="s3cret/+=", **FAST) as svc:
+    token = "s3cret/+="  # characters a subprotocol cannot carry as they are
+    with running_service(tmp_path, ENGINE_SINK="null", ENGINE_AUTH_TOKEN=token, **FAST) as svc:
         page.page.goto(svc.http_url + "/")
         dialog = page.page.locator("#token-dialog")
         dialog.wait_for(state="visible", timeout=SEEN_WITHIN_S)
@@ -162,7 +163,7 @@ def test_with_a_token_the_page_asks_for_it_once(page: Page, tmp_path: Path) -> N
             timeout=SEEN_WITHIN_S,
         )
         page.screenshot("token-prompt")
-        page.page.fill("#token-input", "s3cret/+=")
+        page.page.fill("#token-input", token)
         page.page.click("#token-submit")
         page.page.wait_for_selector("#connection.status-on", timeout=SEEN_WITHIN_S)
         assert not dialog.is_visible()

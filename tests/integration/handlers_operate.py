@@ -1,0 +1,23 @@
+"""Handlers for the operating tests (logs, probes, CLI), run by ``engine serve`` workers.
+
+``route`` picks by the recipient: ``bad*`` raises ValueError on every attempt,
+``poison*`` kills its worker (``os._exit``) on every attempt, anything else is
+delivered.
+"""
+
+from __future__ import annotations
+
+import os
+
+from ipc.codec import Message
+
+
+def route(msg: Message) -> None:
+    if msg.recipient.startswith("bad"):
+        raise ValueError(f"no luck with message {msg.id}")
+    if msg.recipient.startswith("poison"):
+        os._exit(1)
+
+
+def always_fail(msg: Message) -> None:
+    raise ValueError(f"no luck with message {msg.id}")
