@@ -21,3 +21,10 @@ def route(msg: Message) -> None:
 
 def always_fail(msg: Message) -> None:
     raise ValueError(f"no luck with message {msg.id}")
+
+
+async def slow(msg: Message) -> None:
+    """Take half a second per message: a backlog builds up per recipient."""
+    import asyncio
+
+    await asyncio.sleep(0.5)
