@@ -19,7 +19,7 @@ import urllib.request
 from typing import Any
 
 from engine.cli.flags import add_config_flags, overrides_from_args, positive_int
-from engine.config import Config, ConfigError, foreign_env, resolve_config
+from engine.config import Config, foreign_env, resolve_config
 from engine.exitcodes import ExitCode
 from ipc.errors import EngineError
 
@@ -156,6 +156,8 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     # monitor and the workers get this sys.path (fork inherits it, spawn passes it on).
     if os.getcwd() not in sys.path:
         sys.path.insert(0, os.getcwd())
+    from engine.core.preflight import check_handler
+
     check_handler(config)
     setup_logging(config.log_level, config.log_format)
     for name in foreign_env():
@@ -164,36 +166,6 @@ def _cmd_serve(args: argparse.Namespace) -> int:
         )
     after = (lambda svc: _demo_load(svc, args.demo)) if args.demo else None
     return int(uvloop.run(Service(config).run(after)))
-
-
-def check_handler(config: Config) -> None:
-    """Find a missing or broken handler before any process is spawned: a ConfigError (78).
-
-    The handler's module is imported here once and then forgotten again (removed
-    from ``sys.modules``), so the workers import it themselves, afresh, as they do
-    on every SIGHUP reload.
-    """
-    from engine.errors import EngineStartError
-    from engine.worker.sinks import load_handler
-
-    if config.sink != "python":
-        return
-    if not config.handler:
-        raise ConfigError(
-            "no handler: give one with --handler module:function (ENGINE_HANDLER), "
-            "or choose a sink with --sink mock|inbox|null (ENGINE_SINK)"
-        )
-    before = set(sys.modules)
-    try:
-        load_handler(config.handler)
-    except EngineStartError as exc:
-        raise ConfigError(
-            f"--handler / ENGINE_HANDLER {config.handler!r}: {exc} (imported from {os.getcwd()}; "
-            "or choose a sink with --sink mock|inbox|null)"
-        ) from None
-    finally:
-        for name in set(sys.modules) - before:
-            del sys.modules[name]
 
 
 async def _demo_load(service: Any, n: int) -> None:

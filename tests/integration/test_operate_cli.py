@@ -101,7 +101,8 @@ def test_a_missing_or_malformed_handler_exits_78_before_spawning(
 def test_an_engine_variable_that_is_no_setting_warns_and_a_typo_stops() -> None:
     foreign = engine("config", "--json", ENGINE_ENV="prod")
     assert foreign.returncode == 0, foreign.stderr
-    assert foreign.stderr == "engine: warning: ENGINE_ENV is not a setting of this engine; ignored\n"
+    warning = "engine: warning: ENGINE_ENV is not a setting of this engine; ignored\n"
+    assert foreign.stderr == warning
     typo = engine("config", ENGINE_WORKRS="3")
     assert typo.returncode == 78
     assert "ENGINE_WORKRS is not a known setting; did you mean ENGINE_WORKERS?" in typo.stderr
@@ -118,4 +119,3 @@ def test_send_to_a_stopped_service_fails_within_a_second_naming_the_address(
     assert code == 1
     assert took < 1.0, took
     assert url in err and "refused" in err.lower()
-

@@ -9,11 +9,16 @@ from engine.logs import JsonFormatter, TextFormatter
 from engine.worker.failures import FailureLog, format_traceback
 
 
+def fail(message: str) -> None:
+    raise ValueError(message)
+
+
 def raised(message: str) -> BaseException:
     try:
-        raise ValueError(message)
+        fail(message)
     except ValueError as exc:
         return exc
+    raise AssertionError("fail() returned")
 
 
 def test_a_traceback_is_kept_whole_or_its_end_within_the_bound() -> None:
