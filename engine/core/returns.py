@@ -148,7 +148,7 @@ class Returns:
         """The WARNING line of a failed attempt (the worker rate-limited them already)."""
         self.last_error[shard] = f"{rec.exc_type}: {rec.error}"
         retry = (
-            f"retry in {rec.retry_in_s:.2f}s"
+            f"retry in {rec.retry_in_s:.3g}s"
             if rec.retry_in_s >= 0
             else "no retry: it expires first"
         )
