@@ -179,12 +179,18 @@ class Monitor:
             lanes, committed = slot.shard.lanes, slot.shard.committed()
             uncommitted = sum(r.read_pos - c for r, c in zip(lanes, committed, strict=True))
             delay = max(0.0, slot.respawn_at - now)
+            held = held if uncommitted else 0  # the last report is up to an interval old
+            what = (
+                f"it held {uncommitted:,} bytes of fetched, unsettled frames (about {held:,} "
+                "messages at its last report), delivered again by its successor"
+                if uncommitted
+                else "it held nothing unsettled"
+            )
             self.event(
                 "worker_died",
                 "warning",
-                f"worker {slot.index} (pid {pid}) {exit_reason(code)}; it held {held:,} "
-                f"unsettled messages at its last report ({uncommitted:,} bytes of frames "
-                f"uncommitted), delivered again by its successor; respawn in {delay:.2f}s",
+                f"worker {slot.index} (pid {pid}) {exit_reason(code)}; {what}; "
+                f"respawn in {delay:.2f}s",
                 slot.index,
                 pid=pid,
                 exit_code=code,

@@ -28,3 +28,12 @@ async def slow(msg: Message) -> None:
     import asyncio
 
     await asyncio.sleep(0.5)
+
+
+async def slowish(msg: Message) -> None:
+    """Take about a millisecond; ``bad*`` recipients fail (the dashboard's screenshot)."""
+    import asyncio
+
+    if msg.recipient.startswith("bad"):
+        raise ValueError(f"no luck with message {msg.id}")
+    await asyncio.sleep(0.001)

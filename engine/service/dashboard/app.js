@@ -2,7 +2,7 @@
 "use strict";
 
 const TOKEN_KEY = "ringway.token";
-const PAGE = 20;
+const PAGE = 10;
 const EVENTS_SHOWN = 100;
 const fmt = new Intl.NumberFormat("en-US");
 const $ = (sel) => document.querySelector(sel);
