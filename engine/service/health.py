@@ -36,7 +36,10 @@ class FailureWatch:
         if report is None or (self._samples and self._samples[-1][0] == report.sent_ns):
             return
         c = report.counters
-        self._samples.append((report.sent_ns, c.get("failed_attempts", 0), c.get("delivered", 0)))
+        sample = (report.sent_ns, c.get("failed_attempts", 0), c.get("delivered", 0))
+        if self._samples and (sample[1] < self._samples[-1][1] or sample[2] < self._samples[-1][2]):
+            self._samples.clear()  # a restarted monitor counts from scratch: start over
+        self._samples.append(sample)
         horizon = report.sent_ns - int(self.window_s * 1e9)
         # Keep the newest sample at or before the horizon: the window's start.
         while len(self._samples) > 2 and self._samples[1][0] <= horizon:
