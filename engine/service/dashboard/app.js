@@ -11,7 +11,7 @@ const state = {
   token: sessionStorage.getItem(TOKEN_KEY) || "",
   history: [],
   windowS: 60,
-  dl: { offset: 0, total: 0, reason: "", recipient: "" },
+  dl: { offset: 0, total: 0, reason: "", recipient: "", open: new Set() },
   ws: null,
   backoff: 1000,
   dlTimer: null,
@@ -172,7 +172,7 @@ function renderCharts() {
   setMetric("msgs_per_s", last ? last.delivered_per_s : null);
 }
 
-function addEvent(ev) {
+function addEvent(ev, live) {
   const list = $("#events");
   const li = document.createElement("li");
   li.className = `lvl-${ev.level}`;
@@ -183,7 +183,7 @@ function addEvent(ev) {
   li.append(time, document.createTextNode(ev.message));
   list.prepend(li);
   while (list.children.length > EVENTS_SHOWN) list.lastChild.remove();
-  if (ev.type === "dead_letter") scheduleDeadLetters();
+  if (live && ev.type === "dead_letter") scheduleDeadLetters();
 }
 
 // -- dead letters --------------------------------------------------------------------------
@@ -216,7 +216,7 @@ async function loadDeadLetters() {
       show.type = "button";
       show.textContent = "Traceback";
       show.className = "show-traceback";
-      show.addEventListener("click", () => toggleTraceback(tr, dl.traceback));
+      show.addEventListener("click", () => toggleTraceback(tr, dl.id, dl.traceback));
       actions.append(" ", show);
     }
     tr.append(
@@ -224,6 +224,8 @@ async function loadDeadLetters() {
       cell(String(dl.attempts), "num", "attempts"), cell(dl.error, "error", "error"), actions,
     );
     body.append(tr);
+    // A refresh (a new dead letter came) keeps the tracebacks that were open.
+    if (dl.traceback && state.dl.open.has(dl.id)) showTraceback(tr, dl.traceback);
   }
   if (!letters.length) {
     const tr = document.createElement("tr");
@@ -241,9 +243,18 @@ async function loadDeadLetters() {
   $("#dl-replay-all").disabled = state.dl.total === 0;
 }
 
-function toggleTraceback(tr, text) {
+function toggleTraceback(tr, id, text) {
   const next = tr.nextElementSibling;
-  if (next && next.classList.contains("traceback-row")) { next.remove(); return; }
+  if (next && next.classList.contains("traceback-row")) {
+    next.remove();
+    state.dl.open.delete(id);
+    return;
+  }
+  state.dl.open.add(id);
+  showTraceback(tr, text);
+}
+
+function showTraceback(tr, text) {
   const row = document.createElement("tr");
   row.className = "traceback-row";
   const td = document.createElement("td");
@@ -301,7 +312,7 @@ function connect() {
     if (msg.type === "hello") {
       state.history = msg.history;
       $("#events").replaceChildren();
-      for (const ev of msg.events) addEvent(ev);
+      for (const ev of msg.events) addEvent(ev, false);
       renderStats(msg.stats);
       renderCharts();
     } else if (msg.type === "stats") {
@@ -311,7 +322,7 @@ function connect() {
       renderStats(msg.stats);
       renderCharts();
     } else if (msg.type === "event") {
-      addEvent(msg.event);
+      addEvent(msg.event, true);
     }
   };
   ws.onclose = () => {
