@@ -130,8 +130,8 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
         Meta(
             gt=0,
             le=1,
-            description="Failed share of delivery attempts over the last stats interval "
-            "at which /healthz says degraded.",
+            description="Failed share of recent delivery attempts (the last 5 s or stats "
+            "interval) at which /healthz says degraded.",
         ),
     ] = 0.5
     backlog_top: Annotated[
