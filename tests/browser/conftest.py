@@ -28,8 +28,11 @@ LAUNCH_ARGS = [
 ]
 
 
-@pytest.fixture(scope="session")
+@pytest.fixture(scope="package")
 def browser() -> Iterator[Any]:
+    """One Chromium for the browser tests, closed after them: Playwright's sync API keeps
+    an event loop running in this thread while it is open, which would change what the
+    rest of the suite sees (``asyncio.run`` refuses to start, ``auto`` stops forking)."""
     if not (Path(CHROMIUM).exists() or shutil.which(CHROMIUM)):
         pytest.fail(
             f"no Chromium at {CHROMIUM}: install Debian's package "
