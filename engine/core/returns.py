@@ -20,7 +20,8 @@ from engine.config import Config
 from engine.core.deadletters import DeadLetterStore
 from engine.core.events import EventLog
 from engine.errors import CodecError, EngineClosed, RequestFailed
-from engine.logs import LogLimiter, suppressed_note
+from engine.logs import suppressed_note
+from engine.worker.failures import FailureLog
 from ipc.records import (
     AttemptFailed,
     DeadLetter,
@@ -36,6 +37,7 @@ from ipc.shard import LANES, EngineWakeups, ShardMemory
 log = logging.getLogger("engine.dispatcher")
 failures_log = logging.getLogger("engine.delivery")
 DEAD_LETTER_LOG_INTERVAL_S = 10.0  # one ERROR line per (recipient, reason, exception type)
+DEAD_LETTER_LINES_PER_S = 20  # and at most this many a second over all keys
 REDELIVERY_LOG_DELAY_S = 0.5  # a respawn's redeliveries come a frame at a time: one line
 
 
@@ -52,7 +54,7 @@ class Returns:
     ) -> None:
         self.wakeups = wakeups
         self.events = events if events is not None else EventLog()
-        self.letter_log = LogLimiter(DEAD_LETTER_LOG_INTERVAL_S)
+        self.letter_log = FailureLog(DEAD_LETTER_LOG_INTERVAL_S, DEAD_LETTER_LINES_PER_S)
         self.last_error = [""] * len(shards)  # per worker: its latest reported failure
         self.redelivered = [0] * len(shards)  # not logged yet
         self._redelivery_timer: asyncio.TimerHandle | None = None

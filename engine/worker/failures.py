@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import time
 import traceback
+from collections.abc import Iterator
+from types import TracebackType
 
 from engine.logs import LogLimiter
 
@@ -24,13 +26,40 @@ FAILURE_LOG_INTERVAL_S = 10.0
 FAILURE_REPORTS_PER_S = 20
 
 
+FRAME_CACHE = 256
+_frames: dict[tuple[tuple[object, int], ...], str] = {}
+
+
 def format_traceback(exc: BaseException, limit: int = MAX_TRACEBACK_CHARS) -> str:
-    """``exc``'s formatted traceback, at most ``limit`` characters (the end kept)."""
-    text = "".join(traceback.format_exception(exc)).rstrip("\n")
+    """``exc``'s formatted traceback, at most ``limit`` characters (the end kept).
+
+    A failing handler fails the same way many times: the frames' text (source
+    lines read, carets placed: about 0.1 ms) is kept per code path, and only the
+    exception line is formatted each time.  Chained exceptions are formatted whole.
+    """
+    tb = exc.__traceback__
+    if tb is None or exc.__cause__ is not None or exc.__context__ is not None:
+        text = "".join(traceback.format_exception(exc))
+    else:
+        key = tuple((t.tb_frame.f_code, t.tb_lasti) for t in _walk(tb))
+        frames = _frames.get(key)
+        if frames is None:
+            if len(_frames) >= FRAME_CACHE:
+                _frames.clear()
+            frames = _frames[key] = "".join(traceback.extract_tb(tb).format())
+        text = "Traceback (most recent call last):\n" + frames
+        text += "".join(traceback.format_exception_only(exc))
+    text = text.rstrip("\n")
     if len(text) <= limit:
         return text
     cut = len(text) - limit
     return f"[{cut:,} characters of the traceback cut]\n" + text[cut:]
+
+
+def _walk(tb: TracebackType | None) -> Iterator[TracebackType]:
+    while tb is not None:
+        yield tb
+        tb = tb.tb_next
 
 
 class FailureLog:
