@@ -67,3 +67,20 @@ def test_the_text_format_puts_a_traceback_on_lines_of_its_own() -> None:
 def test_the_json_format_carries_the_traceback_as_a_key() -> None:
     line = json.loads(JsonFormatter().format(record_with_traceback()))
     assert line["recipient"] == "a" and line["traceback"].endswith("ValueError: x")
+
+
+def test_a_cached_traceback_reads_exactly_like_a_fresh_one() -> None:
+    import traceback
+
+    first, second = raised("one"), raised("two")  # the same code path: the cache is used
+    for exc in (first, second):
+        assert format_traceback(exc) == "".join(traceback.format_exception(exc)).rstrip("\n")
+    try:
+        try:
+            fail("inner")
+        except ValueError as inner:
+            raise KeyError("outer") from inner
+    except KeyError as chained:
+        whole = "".join(traceback.format_exception(chained)).rstrip("\n")
+        assert format_traceback(chained) == whole  # chained: formatted whole
+        assert "direct cause" in whole
