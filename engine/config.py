@@ -131,6 +131,23 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     ring_warn_ratio: Annotated[
         float, Meta(ge=0, le=1, description="Ring fill ratio at which /healthz says unhealthy.")
     ] = 0.8
+    degraded_failure_ratio: Annotated[
+        float,
+        Meta(
+            gt=0,
+            le=1,
+            description="Failed share of recent delivery attempts (the last 5 s or stats "
+            "interval) at which /healthz says degraded.",
+        ),
+    ] = 0.5
+    backlog_top: Annotated[
+        int,
+        Meta(
+            ge=0,
+            le=1000,
+            description="Recipients with the largest backlog in /stats and /metrics; 0 = off.",
+        ),
+    ] = 10
     start_method: Annotated[
         Literal["auto", "fork", "forkserver", "spawn"], Meta(description="Process start method.")
     ] = "auto"
@@ -360,6 +377,32 @@ def _suggest(word: str, candidates: list[str]) -> str:
     return f"; did you mean {close[0]}?" if close else ""
 
 
+NEAR_MISS_CUTOFF = 0.8
+"""How alike (difflib ratio, after ``ENGINE_``) an unknown name must be to count as a typo."""
+
+
+def near_miss(key: str) -> str | None:
+    """The setting an unknown ``ENGINE_*`` name is a typo of, or None.
+
+    Names are compared without the shared ``ENGINE_`` prefix, which would make
+    every name look alike: ``ENGINE_WORKRS`` is a typo of ``ENGINE_WORKERS``,
+    ``ENGINE_ENV`` is someone else's variable.
+    """
+    suffix = key.removeprefix(ENV_PREFIX)
+    names = [s.env.removeprefix(ENV_PREFIX) for s in _SPECS.values()]
+    close = difflib.get_close_matches(suffix, names, n=1, cutoff=NEAR_MISS_CUTOFF)
+    return ENV_PREFIX + close[0] if close else None
+
+
+def foreign_env(env: Mapping[str, str] | None = None) -> list[str]:
+    """``ENGINE_*`` names that are no setting and no typo of one: ignored, worth a warning."""
+    env = os.environ if env is None else env
+    known = {s.env for s in _SPECS.values()}
+    return sorted(
+        k for k in env if k.startswith(ENV_PREFIX) and k not in known and near_miss(k) is None
+    )
+
+
 def resolve_config(
     env: Mapping[str, str] | None = None,
     overrides: Mapping[str, object] | None = None,
@@ -369,7 +412,9 @@ def resolve_config(
     """Build the Config and say where each value came from: default, env or ``source_label``.
 
     All problems are collected and raised together in one `ConfigError`; an environment
-    value that an override replaces is not used, so it is not checked either.
+    value that an override replaces is not used, so it is not checked either.  An
+    unknown ``ENGINE_*`` name is a problem only when it is a near miss of a setting
+    (a typo); others are ignored here and listed by `foreign_env`.
     """
     env = os.environ if env is None else env
     overrides = overrides or {}
@@ -380,7 +425,10 @@ def resolve_config(
     for key in sorted(k for k in env if k.startswith(ENV_PREFIX)):
         spec = by_env.get(key)
         if spec is None:
-            problems.append(f"{key} is not a known setting{_suggest(key, list(by_env))}")
+            # A typo of a setting stops start-up; any other ENGINE_* name (ENGINE_ENV=prod
+            # for the user's own code) is not ours: `foreign_env` lists it for a warning.
+            if (typo := near_miss(key)) is not None:
+                problems.append(f"{key} is not a known setting; did you mean {typo}?")
         elif spec.name not in overrides:
             values[spec.name], problem = _check(spec, env[key], key)
             sources[spec.name] = "env"

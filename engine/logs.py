@@ -48,10 +48,14 @@ class TextFormatter(logging.Formatter):
     """``ts level logger: msg key=value ...`` for people reading a terminal."""
 
     def format(self, record: logging.LogRecord) -> str:
-        fields = " ".join(f"{k}={v}" for k, v in _extras(record).items())
+        extras = _extras(record)
+        tb = extras.pop("traceback", "")  # a handler's traceback: on lines of its own
+        fields = " ".join(f"{k}={v}" for k, v in extras.items())
         line = f"{_timestamp(record)} {record.levelname:<7} {record.name}: {record.getMessage()}"
         if fields:
             line = f"{line} {fields}"
+        if tb:
+            line = f"{line}\n{tb}"
         if record.exc_info:
             line = f"{line}\n{self.formatException(record.exc_info)}"
         return line

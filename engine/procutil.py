@@ -108,6 +108,16 @@ def die_with_parent(parent_pid: int, sig: int = signal.SIGKILL) -> None:
         os._exit(ChildExit.ORPHANED)
 
 
+def exit_reason(code: int | None) -> str:
+    """``exited with code 70`` or ``was killed by SIGKILL`` (a negative exit code)."""
+    if code is not None and code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"
+
+
 def context(method: str) -> Any:
     """The multiprocess context for ``method``; "auto" forks only when that is safe.
 

@@ -24,10 +24,12 @@ __all__ = [
     "MAX_TRACKABLE_NS",
     "SUB_BUCKETS",
     "Command",
+    "EventLevel",
     "ControlConnection",
     "ControlMessage",
     "Heartbeat",
     "Histogram",
+    "MonitorEvent",
     "MonitorReport",
     "StatsSnapshot",
     "WorkerFailed",
@@ -180,6 +182,8 @@ class StatsSnapshot(msgspec.Struct, array_like=True, tag="stats"):
     latency_settle: Histogram
     """Submit to settle (delivered, dead-lettered or expired)."""
     sent_ns: int
+    backlog: list[tuple[str, NonNegative]] = []
+    """The recipients with the most messages fetched and not yet settled, largest first."""
 
 
 class Command(msgspec.Struct, array_like=True, tag="cmd"):
@@ -212,6 +216,23 @@ class WorkerRecycled(msgspec.Struct, array_like=True, tag="recycled"):
     reason: str
 
 
+EventLevel = Literal["debug", "info", "warning", "error"]
+
+
+class MonitorEvent(msgspec.Struct, array_like=True, tag="event"):
+    """Something the monitor saw (a death, a stall kill, a respawn, a quarantine).
+
+    The dispatcher writes its log line and tells its listeners: one process logs
+    every event, in the format the service chose.
+    """
+
+    event: str  # what happened, e.g. "worker_died"
+    level: EventLevel
+    message: str
+    worker: int = -1
+    detail: dict[str, str | int | float | bool] = {}
+
+
 class WorkerInfo(msgspec.Struct, array_like=True):
     """One worker as the monitor sees it: process facts and its delivered count."""
 
@@ -236,6 +257,8 @@ class MonitorReport(msgspec.Struct, array_like=True, tag="report"):
     latency_start: Histogram
     latency_settle: Histogram
     sent_ns: int
+    backlog: list[tuple[str, NonNegative]] = []
+    """The recipients with the most messages held by the workers, largest first."""
 
 
 ControlMessage = (
@@ -246,6 +269,7 @@ ControlMessage = (
     | WorkerFailed
     | WorkerRecycled
     | MonitorReport
+    | MonitorEvent
 )
 
 _encoder = msgspec.msgpack.Encoder()

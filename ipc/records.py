@@ -42,7 +42,9 @@ class DeadLetter(msgspec.Struct, array_like=True, tag=2):
     ``lane`` and ``frame_end`` name the input frame it came in: the dispatcher
     keeps the letter provisional until that frame's FrameDone arrives, because a
     worker that dies before reporting the frame has its messages delivered again
-    (and one may then succeed).
+    (and one may then succeed).  ``traceback`` is the last failure's formatted
+    traceback, bounded by the worker (empty when there was no exception; a
+    record from before the field existed decodes with it empty).
     """
 
     message: Message
@@ -52,6 +54,7 @@ class DeadLetter(msgspec.Struct, array_like=True, tag=2):
     at_ns: int = 0
     lane: int = -1
     frame_end: int = 0
+    traceback: str = ""
 
 
 class Redelivered(msgspec.Struct, array_like=True, tag=3, gc=False):
@@ -66,7 +69,26 @@ class WorkerStarted(msgspec.Struct, array_like=True, tag=4, gc=False):
     pid: int
 
 
-ReturnRecord = FrameDone | Reply | DeadLetter | Redelivered | WorkerStarted
+class AttemptFailed(msgspec.Struct, array_like=True, tag=5, gc=False):
+    """A delivery attempt raised and will be retried: what the dispatcher logs as a WARNING.
+
+    Sent only for the failures the worker's rate limit lets through;
+    ``suppressed`` counts those held back before this one (see
+    `engine.worker.failures`).  ``retry_in_s`` is the backoff before the next attempt.
+    """
+
+    message_id: int
+    recipient: str
+    attempt: int
+    max_attempts: int
+    retry_in_s: float
+    exc_type: str
+    error: str
+    traceback: str = ""
+    suppressed: int = 0
+
+
+ReturnRecord = FrameDone | Reply | DeadLetter | Redelivered | WorkerStarted | AttemptFailed
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(list[ReturnRecord])

@@ -23,7 +23,7 @@ from engine.cli.flags import (
     positive_int,
     reference_table,
 )
-from engine.config import ConfigError, describe_fields, resolve_config
+from engine.config import ConfigError, describe_fields, foreign_env, resolve_config
 from engine.exitcodes import ExitCode
 from ipc.errors import EngineError
 
@@ -43,6 +43,8 @@ def _cmd_config(args: argparse.Namespace) -> int:
         print(reference_table())
         return ExitCode.OK
     config, sources = resolve_config(overrides=overrides_from_args(args), source_label="cli")
+    for name in foreign_env():
+        print(f"engine: warning: {name} is not a setting of this engine; ignored", file=sys.stderr)
     values = msgspec.structs.asdict(config)
     docs = describe_fields()
     shown = {d.name: MASK if d.secret and values[d.name] else values[d.name] for d in docs}

@@ -1,8 +1,9 @@
-"""The service subcommands of ``engine``: serve, stats, send, dlq, cache.
+"""The service subcommands of ``engine``: serve, stats, send, dlq, cache, health.
 
 ``serve`` runs the service in this process; the others talk to a running one
-(``stats`` and ``dlq`` over HTTP, ``send`` over the binary protocol), finding
-it from the same ENGINE_* settings the service reads, or from ``--url``.
+(``stats``, ``dlq`` and ``health`` over HTTP, ``send`` over the binary
+protocol), finding it from the same ENGINE_* settings the service reads, or
+from ``--url``.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import sys
 import time
 import urllib.error
@@ -17,7 +19,7 @@ import urllib.request
 from typing import Any
 
 from engine.cli.flags import add_config_flags, overrides_from_args, positive_int
-from engine.config import Config, resolve_config
+from engine.config import Config, foreign_env, resolve_config
 from engine.exitcodes import ExitCode
 from ipc.errors import EngineError
 
@@ -30,7 +32,7 @@ class ServiceUnavailable(EngineError):
 
 
 def add_service_commands(sub: argparse._SubParsersAction[Any]) -> None:
-    """Add ``serve``, ``stats``, ``send``, ``dlq`` and ``cache`` to the ``engine`` parser."""
+    """Add ``serve``, ``stats``, ``send``, ``dlq``, ``cache`` and ``health`` to the parser."""
     serve = sub.add_parser(
         "serve",
         help="run the service: dispatcher, workers, monitor, TCP and HTTP ingress",
@@ -92,9 +94,14 @@ def add_service_commands(sub: argparse._SubParsersAction[Any]) -> None:
         help="list or replay a running service's dead letters",
         description="List the dead letters a running service holds, or submit them again.",
     )
-    dlq.add_argument("action", choices=["list", "replay"])
+    dlq.add_argument(
+        "action",
+        choices=["list", "show", "replay"],
+        help="list them; show one with its traceback (ID); replay all, or the IDs given",
+    )
+    dlq.add_argument("ids", nargs="*", type=int, metavar="ID", help="message ids (show, replay)")
     _add_http_target(dlq)
-    dlq.add_argument("--json", action="store_true", help="print JSON (list)")
+    dlq.add_argument("--json", action="store_true", help="print JSON (list, show)")
     dlq.set_defaults(run=_cmd_dlq)
 
     cache = sub.add_parser(
@@ -106,6 +113,19 @@ def add_service_commands(sub: argparse._SubParsersAction[Any]) -> None:
     cache.add_argument("action", choices=["clear"])
     _add_http_target(cache)
     cache.set_defaults(run=_cmd_cache)
+
+    health = sub.add_parser(
+        "health",
+        help="exit 0 if a running service is live and ready, 1 otherwise (one line why)",
+        description="Ask a running service whether it is live and ready (for Docker "
+        "HEALTHCHECK and scripts): exit 0 and print 'ok', or exit 1 and print why "
+        "(unreachable, unhealthy or degraded, with the reasons).",
+    )
+    _add_http_target(health)
+    health.add_argument(
+        "--timeout", type=_seconds, default=5.0, help="seconds to wait for the answer (default 5)"
+    )
+    health.set_defaults(run=_cmd_health)
 
 
 def _seconds(text: str) -> float:
@@ -131,6 +151,8 @@ def _env_config() -> Config:
 
 # -- serve ------------------------------------------------------------------------------
 def _cmd_serve(args: argparse.Namespace) -> int:
+    import logging
+
     import uvloop
 
     from engine.logs import setup_logging
@@ -140,7 +162,18 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     config, sources = resolve_config(overrides=overrides, source_label="cli")
     if args.demo and sources["sink"] == "default" and not config.handler:
         config = resolve_config(overrides=overrides | {"sink": "mock"}, source_label="cli")[0]
+    # Like gunicorn and celery: `--handler app:handle` imports app.py from here. The
+    # monitor and the workers get this sys.path (fork inherits it, spawn passes it on).
+    if os.getcwd() not in sys.path:
+        sys.path.insert(0, os.getcwd())
+    from engine.core.preflight import check_handler
+
+    check_handler(config)
     setup_logging(config.log_level, config.log_format)
+    for name in foreign_env():
+        logging.getLogger("engine.config").warning(
+            "%s is not a setting of this engine; ignored", name, extra={"variable": name}
+        )
     after = (lambda svc: _demo_load(svc, args.demo)) if args.demo else None
     return int(uvloop.run(Service(config).run(after)))
 
@@ -205,44 +238,81 @@ def _http(method: str, url: str, token: str) -> Any:
 
 def _cmd_stats(args: argparse.Namespace) -> int:
     base, token = _http_base(args)
-    while True:
-        stats = _http("GET", f"{base}/stats", token)
-        if args.json:
-            print(json.dumps(stats, indent=2))
-        else:
-            if args.watch:
-                print("\x1b[2J\x1b[H", end="")
-            print_stats(stats, title=f"{base}  {time.strftime('%H:%M:%S')}")
-        if not args.watch:
-            return ExitCode.OK
-        time.sleep(args.watch)
+    stats = _http("GET", f"{base}/stats", token)
+    if args.json:
+        print(json.dumps(stats, indent=2))
+    if not args.watch:
+        if not args.json:
+            print_stats(stats, title=base)
+        return ExitCode.OK
+    if args.json:  # one JSON document per refresh, for scripts
+        while True:
+            time.sleep(args.watch)
+            print(json.dumps(_http("GET", f"{base}/stats", token)), flush=True)
+    from rich.live import Live
+
+    def title() -> str:
+        return f"{base}  {time.strftime('%H:%M:%S')}  (Ctrl-C stops)"
+
+    with Live(stats_view(stats, title()), auto_refresh=False) as live:
+        while True:
+            time.sleep(args.watch)
+            live.update(stats_view(_http("GET", f"{base}/stats", token), title()), refresh=True)
 
 
 def print_stats(stats: dict[str, Any], title: str = "") -> None:
-    """The stats as rich tables: totals and latency, then one row per worker."""
+    """The stats as rich tables (see `stats_view`)."""
     from rich.console import Console
-    from rich.table import Table
 
-    console = Console()
-    totals = Table(title=title or None, show_header=True)
-    for col in ("submitted", "delivered", "dead_lettered", "expired", "in_flight",
-                "retried", "redelivered"):  # fmt: skip
-        totals.add_column(col, justify="right")
-    totals.add_row(
-        *(f"{stats[c]:,}" for c in ("submitted", "delivered", "dead_lettered", "expired",
-                                     "in_flight", "retried", "redelivered"))
-    )  # fmt: skip
-    console.print(totals)
-    lat = Table(title="latency (seconds)")
+    Console().print(stats_view(stats, title))
+
+
+def stats_view(stats: dict[str, Any], title: str = "") -> Any:
+    """Totals, latency, workers and the largest backlogs as tables that fit 80 columns.
+
+    Names are never cut: totals are name/value pairs, latencies in milliseconds.
+    """
+    from rich import box
+    from rich.console import Group
+    from rich.table import Table
+    from rich.text import Text
+
+    def table(title: str, header: bool = True) -> Table:
+        return Table(
+            box=box.SIMPLE_HEAD,
+            show_header=header,
+            title=title,
+            title_justify="left",
+            pad_edge=False,
+            collapse_padding=True,
+        )
+
+    parts: list[Any] = [Text(title, style="bold")] if title else []
+    totals = table("messages", header=False)
+    for _ in range(2):
+        totals.add_column(no_wrap=True)
+        totals.add_column(justify="right", no_wrap=True)
+    pairs = [
+        ("submitted", "failed_attempts"),
+        ("delivered", "retried"),
+        ("dead_lettered", "redelivered"),
+        ("expired", "in_flight"),
+    ]
+    for left, right in pairs:
+        totals.add_row(left, f"{stats.get(left, 0):,}", right, f"{stats.get(right, 0):,}")
+    parts.append(totals)
+    lat = table("latency (ms)")
     for col in ("", "p50", "p95", "p99", "max", "count"):
-        lat.add_column(col, justify="right")
+        lat.add_column(col, justify="right", no_wrap=True)
     for name, key in (("submit→start", "latency_start_s"), ("submit→settled", "latency_settle_s")):
         h = stats[key]
-        lat.add_row(name, *(f"{h[q]:.6f}" for q in ("p50", "p95", "p99", "max")), f"{h['count']:,}")
-    console.print(lat)
-    workers = Table(title="workers")
-    for col in ("worker", "pid", "alive", "delivered", "restarts", "recycled", "cpu %", "rss MiB"):
-        workers.add_column(col, justify="right")
+        ms = (f"{h[q] * 1e3:,.3f}" for q in ("p50", "p95", "p99", "max"))
+        lat.add_row(name, *ms, f"{h['count']:,}")
+    parts.append(lat)
+    workers = table("workers")
+    for col in ("worker", "pid", "up", "delivered", "restarts", "recycled", "cpu %", "rss MiB"):
+        workers.add_column(col, justify="right", no_wrap=True)
+    errors = []
     for w in stats["workers"]:
         workers.add_row(
             str(w["worker"]),
@@ -252,21 +322,34 @@ def print_stats(stats: dict[str, Any], title: str = "") -> None:
             str(w["restarts"]),
             str(w.get("recycled", 0)),
             f"{w['cpu_percent']:.0f}",
-            f"{w['rss_bytes'] / 2**20:.1f}",
+            f"{w['rss_bytes'] / 2**20:,.0f}",
         )
-    console.print(workers)
+        if w.get("last_error") or w.get("error"):
+            errors.append(f"worker {w['worker']}: {w.get('error') or w['last_error']}")
+    parts.append(workers)
+    parts += [Text(line, style="red", overflow="fold") for line in errors]
+    top = stats.get("top_recipients") or []
+    if top:
+        backlog = table("largest backlogs")
+        backlog.add_column("recipient", overflow="fold")
+        backlog.add_column("held", justify="right", no_wrap=True)
+        for row in top:
+            backlog.add_row(row["recipient"], f"{row['held']:,}")
+        parts.append(backlog)
     cluster = stats.get("cluster")
     if cluster:
-        print_cluster(console, cluster)
+        parts += cluster_view(cluster)
     service = stats.get("service")
     if service:
-        parts = [f"{k}={v}" for k, v in service.items() if k != "addresses"]
-        console.print("service: " + "  ".join(parts))
+        fields = [f"{k}={v}" for k, v in service.items() if k != "addresses"]
+        parts.append(Text("service: " + "  ".join(fields), overflow="fold"))
+    return Group(*parts)
 
 
-def print_cluster(console: Any, cluster: dict[str, Any]) -> None:
+def cluster_view(cluster: dict[str, Any]) -> list[Any]:
     """Cluster mode: the nodes and what each owns, then every partition's backlog and pending."""
     from rich.table import Table
+    from rich.text import Text
 
     where = f"{cluster['namespace']} on {cluster['broker']}"
     nodes = Table(title=f"cluster {where} (this node: {cluster['node']})")
@@ -280,7 +363,6 @@ def print_cluster(console: Any, cluster: dict[str, Any]) -> None:
             f"{n.get('delivered', 0):,}",
             f"{n.get('heartbeat_expires_in_s', 0):.2f}",
         )
-    console.print(nodes)
     parts = Table(title="partitions (backlog and pending count stream entries)")
     for col in ("partition", "owner", "epoch", "backlog", "pending", "length"):
         parts.add_column(col, justify="right")
@@ -289,11 +371,12 @@ def print_cluster(console: Any, cluster: dict[str, Any]) -> None:
             str(row["partition"]), row["owner"] or "-", str(row["epoch"]),
             f"{row['backlog']:,}", f"{row['pending']:,}", f"{row['length']:,}",
         )  # fmt: skip
-    console.print(parts)
-    console.print(
+    summary = Text(
         f"backlog {cluster.get('backlog', 0):,}  pending {cluster.get('pending', 0):,}  "
-        f"dlq {cluster.get('dlq_length', 0):,}  unowned {cluster.get('unowned', [])}"
+        f"dlq {cluster.get('dlq_length', 0):,}  unowned {cluster.get('unowned', [])}",
+        overflow="fold",
     )
+    return [nodes, parts, summary]
 
 
 def _ranges(ps: list[int]) -> str:
@@ -324,7 +407,9 @@ def _cmd_send(args: argparse.Namespace) -> int:
     options: dict[str, Any] = {"priority": args.priority}
     if args.ttl is not None:
         options["ttl"] = args.ttl
-    with Client(url, token=token or None) as client:
+    # One connection attempt: a refused connection is final for a one-shot command
+    # (the client's reconnects are for long-lived producers riding out a restart).
+    with Client(url, token=token or None, reconnect_attempts=1) as client:
         if args.request:
             reply = client.request(args.recipient, payload, timeout=args.timeout, **options)
             print(json.dumps(reply, default=repr))
@@ -338,8 +423,22 @@ def _cmd_send(args: argparse.Namespace) -> int:
 def _cmd_dlq(args: argparse.Namespace) -> int:
     base, token = _http_base(args)
     if args.action == "replay":
-        out = _http("POST", f"{base}/v1/dead-letters/replay", token)
+        query = "?" + "&".join(f"id={i}" for i in args.ids) if args.ids else ""
+        out = _http("POST", f"{base}/v1/dead-letters/replay{query}", token)
         print(f"replayed {out['replayed']:,} dead letters")
+        return ExitCode.OK
+    if args.action == "show":
+        if len(args.ids) != 1:
+            print("engine dlq show: give one message id", file=sys.stderr)
+            return ExitCode.USAGE
+        letter = _http("GET", f"{base}/v1/dead-letters/{args.ids[0]}", token)
+        if args.json:
+            print(json.dumps(letter, indent=2))
+            return ExitCode.OK
+        for key in ("id", "recipient", "reason", "attempts", "error", "kind", "priority"):
+            print(f"{key + ':':<10} {letter[key]}")
+        print(f"{'payload:':<10} {json.dumps(letter['payload'], default=repr)}")
+        print(letter.get("traceback") or "(no traceback: the handler raised nothing)")
         return ExitCode.OK
     letters = _http("GET", f"{base}/v1/dead-letters", token)
     if args.json:
@@ -348,7 +447,7 @@ def _cmd_dlq(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"{len(letters):,} dead letters")
+    table = Table(title=f"{len(letters):,} dead letters (`engine dlq show ID` for one)")
     for col in ("id", "recipient", "reason", "attempts", "error"):
         table.add_column(col)
     for dl in letters:
@@ -366,3 +465,34 @@ def _cmd_cache(args: argparse.Namespace) -> int:
     who = f"user {out['user']!r}" if out["user"] else "the anonymous user"
     print(f"cleared {out['cleared']:,} cached responses of {who}")
     return ExitCode.OK
+
+
+# -- health -----------------------------------------------------------------------------
+def _cmd_health(args: argparse.Namespace) -> int:
+    """``/readyz`` when the service has it, else ``/healthz``: 0 and "ok", or 1 and why."""
+    base, token = _http_base(args)
+    for path in ("/readyz", "/healthz"):
+        req = urllib.request.Request(f"{base}{path}")
+        if token:
+            req.add_header("Authorization", f"Bearer {token}")
+        try:
+            with urllib.request.urlopen(req, timeout=args.timeout) as resp:
+                body = json.loads(resp.read() or b"{}")
+                print(f"ok: {base}{path} says {body.get('status', 'ok')}")
+                return ExitCode.OK
+        except urllib.error.HTTPError as exc:
+            if exc.code == 404 and path == "/readyz":
+                continue  # a service without a readiness probe: ask /healthz
+            try:
+                body = json.loads(exc.read() or b"{}")
+            except ValueError:
+                body = {}
+            status = body.get("status", f"HTTP {exc.code}")
+            reasons = "; ".join(body.get("reasons", [])) or body.get("reason", "")
+            print(f"{status}: {reasons or exc.reason} ({base}{path})")
+            return ExitCode.FAILURE
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            reason = getattr(exc, "reason", exc)
+            print(f"unreachable: cannot reach the service at {base}: {reason}")
+            return ExitCode.FAILURE
+    return ExitCode.FAILURE  # not reached: /healthz answers or fails above

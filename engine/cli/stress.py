@@ -226,6 +226,17 @@ def main(argv: list[str]) -> int:
         return ExitCode.INTERRUPTED
 
 
+def _quiet_expected_failures() -> None:
+    """The mock core fails on purpose: its failed attempts and dead letters are counted in
+    the report, not logged one by one (worker deaths and other events still are)."""
+    import logging
+
+    logging.getLogger("engine.delivery").setLevel(logging.CRITICAL)
+    logging.getLogger("engine.events").addFilter(
+        lambda record: getattr(record, "event", "") != "dead_letter"
+    )
+
+
 def _run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
@@ -235,6 +246,7 @@ def _run(args: argparse.Namespace) -> int:
     from engine.stress.runner import StressTestRunner
     from ipc.errors import EngineError
 
+    _quiet_expected_failures()
     if args.plot:
         try:
             require_matplotlib()

@@ -467,15 +467,18 @@ class EngineAPI:
             raise EngineClosed("the engine was never started")
         return self.dispatcher.dead.items()
 
-    async def replay_dead_letters(self) -> int:
-        """Resubmit every stored dead letter as a fresh message (attempts reset).
+    async def replay_dead_letters(self, ids: Iterable[int] | None = None) -> int:
+        """Resubmit the stored dead letters (only those of message ``ids`` when given) as
+        fresh messages, attempts reset; returns how many were resubmitted.
 
         In cluster mode: every letter of the cluster's DLQ stream.
         """
         d = self._dispatcher()
         if self.cluster is not None:
+            if ids is not None:
+                raise EngineError("replaying chosen dead letters is not available in cluster mode")
             return await self.cluster.replay_dead_letters()
-        items = d.dead.take_all()
+        items = d.dead.take_all() if ids is None else d.dead.take(ids)
         for dl in items:
             m = dl.message
             msg = d.build(

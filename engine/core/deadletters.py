@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import IO, Any
 
 import msgspec
@@ -25,6 +25,7 @@ class DeadLetterView(msgspec.Struct, frozen=True):
     kind: str
     priority: str
     payload: Any
+    traceback: str = ""
 
 
 class DeadLetterStore:
@@ -71,6 +72,13 @@ class DeadLetterStore:
     def items(self) -> list[DeadLetter]:
         return list(self._items.values())
 
+    def get(self, message_id: int) -> DeadLetter | None:
+        return self._items.get(message_id)
+
+    def take(self, ids: Iterable[int]) -> list[DeadLetter]:
+        """Remove and return the letters of these message ids (unknown ids are skipped)."""
+        return [dl for mid in dict.fromkeys(ids) if (dl := self._items.pop(mid, None)) is not None]
+
     def take_all(self) -> list[DeadLetter]:
         items = list(self._items.values())
         self._items.clear()
@@ -112,4 +120,5 @@ def view(dl: DeadLetter) -> DeadLetterView:
         kind=msg.kind.name.lower(),
         priority=msg.priority.name.lower(),
         payload=payload,
+        traceback=dl.traceback,
     )

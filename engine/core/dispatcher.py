@@ -19,6 +19,7 @@ import time
 
 from engine.config import Config
 from engine.core.builder import MessageBuilder, Outgoing, pack_frames
+from engine.core.events import EventLog
 from engine.core.returns import Returns
 from engine.core.sharding import Sharder
 from engine.errors import EngineClosed, QueueFull
@@ -32,7 +33,13 @@ log = logging.getLogger("engine.dispatcher")
 class Dispatcher:
     """Owns the producer end of every lane ring, and the reader of every return ring."""
 
-    def __init__(self, config: Config, shards: list[ShardMemory], wakeups: EngineWakeups) -> None:
+    def __init__(
+        self,
+        config: Config,
+        shards: list[ShardMemory],
+        wakeups: EngineWakeups,
+        events: EventLog | None = None,
+    ) -> None:
         self.config = config
         self.shards = shards
         self.wakeups = wakeups
@@ -66,7 +73,7 @@ class Dispatcher:
         self.topics: dict[str, dict[str, None]] = {}
         self.closed = False
         self.loop = asyncio.get_running_loop()
-        self.returns = Returns(config, shards, wakeups, self.counts)
+        self.returns = Returns(config, shards, wakeups, self.counts, events)
         self.loop.add_reader(wakeups.lane_space.fd, self.on_space)
         # The Engine, its stats and tests reach these through the dispatcher: the
         # builder's and the return reader's own objects and bound methods, not copies.

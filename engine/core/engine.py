@@ -23,6 +23,7 @@ from engine.core.cache import ResponseCache
 from engine.core.cluster import Cluster
 from engine.core.dedup import DedupWindow
 from engine.core.dispatcher import Dispatcher
+from engine.core.events import EventLog
 from engine.core.supervisor import MonitorSupervisor
 from engine.core.sync import LoopThread, SyncEngine
 from engine.errors import DrainTimeout, EngineError
@@ -53,7 +54,8 @@ class Engine(EngineAPI):
         self.shards: list[ShardMemory] = []
         self.wakeups: EngineWakeups | None = None
         self.dispatcher: Dispatcher | None = None
-        self.supervisor = MonitorSupervisor(self.config, handler)
+        self.events = EventLog()  # worker deaths, respawns, dead letters, ...: logged, kept
+        self.supervisor = MonitorSupervisor(self.config, handler, self.events)
         cfg = self.config
         self.cache = ResponseCache(cfg.cache_size, cfg.cache_ttl_s)
         self.dedup = DedupWindow(cfg.dedup_window_s, cfg.dedup_max) if cfg.dedup_window_s else None
@@ -104,7 +106,7 @@ class Engine(EngineAPI):
                         prefix, i, self.wakeups, cfg.ring_bytes, cfg.return_ring_bytes
                     )
                 )
-            self.dispatcher = Dispatcher(cfg, self.shards, self.wakeups)
+            self.dispatcher = Dispatcher(cfg, self.shards, self.wakeups, self.events)
             await self.supervisor.start(self.shards)
             if self.cluster is not None:
                 await self.cluster.start()

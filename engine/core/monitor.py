@@ -13,6 +13,7 @@ What a death means (crash counts, poison quarantine, backoff) is in
 from __future__ import annotations
 
 import contextlib
+import heapq
 import os
 import signal
 import time
@@ -27,12 +28,14 @@ from engine.config import Config
 from engine.core.recycling import Recycler, jittered
 from engine.core.worker_slot import WorkerSlot
 from engine.exitcodes import ChildExit
-from engine.procutil import WORKER_STOP, die_with_parent, ignore_group_signals
+from engine.procutil import WORKER_STOP, die_with_parent, exit_reason, ignore_group_signals
 from engine.worker.main import worker_main
 from engine.worker.state import WORKER_COUNTERS
 from ipc.control import (
     Command,
+    EventLevel,
     Histogram,
+    MonitorEvent,
     MonitorReport,
     StatsSnapshot,
     WorkerFailed,
@@ -120,6 +123,13 @@ class Monitor:
     def report_failure(self, index: int, error: str) -> None:
         send_control(self.conn, WorkerFailed(worker=max(index, 0), pid=os.getpid(), error=error))
 
+    def event(
+        self, type_: str, level: EventLevel, message: str, worker: int, **detail: Any
+    ) -> None:
+        """One line for the dispatcher's log and its event listeners (see engine.core.events)."""
+        msg = MonitorEvent(event=type_, level=level, message=message, worker=worker, detail=detail)
+        send_control(self.conn, msg)
+
     def read(self, slot: WorkerSlot) -> Any:
         try:
             msg = recv_control(slot.conn)
@@ -130,6 +140,15 @@ class Monitor:
             slot.boot_failures = 0
             slot.error = ""
             send_control(self.conn, msg)
+            if slot.restarts:
+                self.event(
+                    "worker_respawned",
+                    "info",
+                    f"worker {slot.index} is back (pid {msg.pid}, restart {slot.restarts})",
+                    slot.index,
+                    pid=msg.pid,
+                    restarts=slot.restarts,
+                )
         elif isinstance(msg, WorkerFailed):
             slot.error = msg.error
         elif isinstance(msg, StatsSnapshot):
@@ -137,20 +156,62 @@ class Monitor:
         return msg
 
     def on_death(self, slot: WorkerSlot) -> None:
-        """Reap a dead worker, keep its last stats and schedule its respawn."""
+        """Reap a dead worker, keep its last stats, say what happened and schedule its respawn."""
         slot.proc.join()
         code = slot.proc.exitcode
         while slot.conn.poll():
             if self.read(slot) is None:
                 break
         slot.conn.close()
+        held = _unsettled(slot.latest)
+        was_ready, pid = slot.ready, slot.pid
+        requested = slot.recycle_pid == pid and code == 0
         slot.retire_stats()
         slot.proc = None
         if self.stopping:
             return
-        failure = slot.died(code, time.monotonic(), self.config.poison_max_crashes)
+        quarantined = len(slot.quarantine)
+        now = time.monotonic()
+        failure = slot.died(code, now, self.config.poison_max_crashes)
         if failure:
             self.report_failure(slot.index, failure)
+        elif was_ready and not requested:
+            lanes, committed = slot.shard.lanes, slot.shard.committed()
+            uncommitted = sum(r.read_pos - c for r, c in zip(lanes, committed, strict=True))
+            delay = max(0.0, slot.respawn_at - now)
+            held = held if uncommitted else 0  # the last report is up to an interval old
+            what = (
+                f"it held {uncommitted:,} bytes of fetched, unsettled frames (about {held:,} "
+                "messages at its last report), delivered again by its successor"
+                if uncommitted
+                else "it held nothing unsettled"
+            )
+            self.event(
+                "worker_died",
+                "warning",
+                f"worker {slot.index} (pid {pid}) {exit_reason(code)}; {what}; "
+                f"respawn in {delay:.2f}s",
+                slot.index,
+                pid=pid,
+                exit_code=code,
+                held_messages=held,
+                uncommitted_bytes=uncommitted,
+                respawn_in_s=round(delay, 3),
+                restarts=slot.restarts,
+            )
+        if len(slot.quarantine) > quarantined:
+            lane, end, index = max(slot.quarantine, key=lambda q: q[1])
+            self.event(
+                "poison_quarantined",
+                "error",
+                f"worker {slot.index} died {self.config.poison_max_crashes} times on the "
+                f"message at lane {lane}, frame end {end}, index {index}: it is quarantined "
+                "and will be dead-lettered as worker_crash",
+                slot.index,
+                lane=lane,
+                frame_end=end,
+                index=index,
+            )
 
     def check_stalls(self, now: float) -> None:
         for slot in self.slots:
@@ -163,8 +224,29 @@ class Monitor:
             age = now - slot.last_beat_at
             if slot.kill_sent_at == 0.0 and age > self.config.stall_timeout_s:
                 slot.kill_sent_at = now
+                self.event(
+                    "worker_stalled",
+                    "warning",
+                    f"worker {slot.index} (pid {slot.pid}) sent no heartbeat for {age:.1f}s "
+                    f"(ENGINE_STALL_TIMEOUT_S={self.config.stall_timeout_s:g}): "
+                    "stop signal (SIGUSR1)",
+                    slot.index,
+                    pid=slot.pid,
+                    heartbeat_age_s=round(age, 3),
+                )
                 slot.signal(WORKER_STOP)  # it stops at once if its loop runs again in time
             elif slot.kill_sent_at and now - slot.kill_sent_at > KILL_GRACE_S:
+                if not slot.kill_escalated:
+                    slot.kill_escalated = True
+                    self.event(
+                        "worker_stalled",
+                        "warning",
+                        f"worker {slot.index} (pid {slot.pid}) still there {KILL_GRACE_S:g}s "
+                        "after the stop signal (SIGUSR1): SIGKILL",
+                        slot.index,
+                        pid=slot.pid,
+                        heartbeat_age_s=round(age, 3),
+                    )
                 slot.signal(signal.SIGKILL)
 
     # -- reporting ---------------------------------------------------------------
@@ -207,6 +289,11 @@ class Monitor:
                     error=slot.error,
                 )
             )
+        backlog = heapq.nlargest(
+            self.config.backlog_top,
+            (b for s in self.slots if s.latest is not None for b in s.latest.backlog),
+            key=lambda item: item[1],
+        )
         return MonitorReport(
             monitor_pid=os.getpid(),
             workers=infos,
@@ -214,6 +301,7 @@ class Monitor:
             latency_start=start,
             latency_settle=settle,
             sent_ns=time.monotonic_ns(),
+            backlog=backlog,
         )
 
     # -- main loop -----------------------------------------------------------------
@@ -284,6 +372,15 @@ class Monitor:
                     break
             slot.retire_stats()
             slot.proc = None
+
+
+def _unsettled(snap: StatsSnapshot | None) -> int:
+    """Messages a worker had fetched and not settled when it last sent its stats."""
+    if snap is None:
+        return 0
+    c = snap.counters
+    settled = c.get("delivered", 0) + c.get("dead_lettered", 0) + c.get("expired", 0)
+    return c.get("fetched", 0) - settled
 
 
 def monitor_main(

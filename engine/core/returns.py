@@ -16,9 +16,12 @@ from typing import Any
 
 from engine.config import Config
 from engine.core.deadletters import DeadLetterStore
+from engine.core.events import EventLog
 from engine.errors import CodecError, EngineClosed, RequestFailed
-from engine.logs import LogLimiter, suppressed_note
+from engine.logs import suppressed_note
+from engine.worker.failures import FailureLog
 from ipc.records import (
+    AttemptFailed,
     DeadLetter,
     FrameDone,
     Redelivered,
@@ -30,7 +33,10 @@ from ipc.ring import RingConsumer
 from ipc.shard import LANES, EngineWakeups, ShardMemory
 
 log = logging.getLogger("engine.dispatcher")
-REDELIVERY_LOG_INTERVAL_S = 5.0  # a respawn redelivers frame by frame: one line per worker
+failures_log = logging.getLogger("engine.delivery")
+DEAD_LETTER_LOG_INTERVAL_S = 10.0  # one ERROR line per (recipient, reason, exception type)
+DEAD_LETTER_LINES_PER_S = 20  # and at most this many a second over all keys
+REDELIVERY_LOG_DELAY_S = 0.5  # a respawn's redeliveries come a frame at a time: one line
 
 
 class Returns:
@@ -42,8 +48,14 @@ class Returns:
         shards: list[ShardMemory],
         wakeups: EngineWakeups,
         counts: dict[str, int],
+        events: EventLog | None = None,
     ) -> None:
         self.wakeups = wakeups
+        self.events = events if events is not None else EventLog()
+        self.letter_log = FailureLog(DEAD_LETTER_LOG_INTERVAL_S, DEAD_LETTER_LINES_PER_S)
+        self.last_error = [""] * len(shards)  # per worker: its latest reported failure
+        self.redelivered = [0] * len(shards)  # not logged yet
+        self._redelivery_timer: asyncio.TimerHandle | None = None
         self.counts = counts  # the dispatcher's, shared: it counts submitted, this settled
         self.consumers: list[RingConsumer] = [s.return_consumer() for s in shards]
         # Per (shard, lane): the ring position up to which every frame is reported settled.
@@ -55,7 +67,6 @@ class Returns:
         self.provisional: list[list[DeadLetter]] = [[] for _ in shards]
         self.settled_event = asyncio.Event()
         self.progress_event = asyncio.Event()  # replaced and set whenever a frame settles
-        self.redelivery_log = LogLimiter(REDELIVERY_LOG_INTERVAL_S)
         self.loop = asyncio.get_running_loop()
         self.loop.add_reader(wakeups.return_ready.fd, self.on_returns)
 
@@ -110,18 +121,13 @@ class Returns:
             # else: its frame was reported settled before; this is a redelivery's echo
         elif isinstance(rec, Redelivered):
             self.counts["redelivered"] += rec.count
-            held = self.redelivery_log.allow(shard)
-            if held is not None:
-                # Never silent: the handler sees these messages a second time.
-                log.warning(
-                    "worker %d delivers again %d messages that a previous worker process "
-                    "fetched and never settled (at least once; %d redelivered in all)%s",
-                    shard,
-                    rec.count,
-                    self.counts["redelivered"],
-                    suppressed_note(held),
-                    extra={"worker": shard, "redelivered": rec.count},
+            self.redelivered[shard] += rec.count
+            if self._redelivery_timer is None:
+                self._redelivery_timer = self.loop.call_later(
+                    REDELIVERY_LOG_DELAY_S, self._log_redeliveries
                 )
+        elif isinstance(rec, AttemptFailed):
+            self._log_attempt(shard, rec)
         elif isinstance(rec, WorkerStarted):
             # The previous worker died before reporting these letters' frames: those
             # frames are delivered again, and the new outcomes are the ones that count.
@@ -132,11 +138,85 @@ class Returns:
         waiting: list[DeadLetter] = []
         for dl in self.provisional[shard]:
             if dl.lane == lane and dl.frame_end <= end:
-                if keep:
-                    self.dead.add(dl)
+                if keep and self.dead.add(dl):
+                    self._log_letter(shard, dl)
             else:
                 waiting.append(dl)
         self.provisional[shard] = waiting
+
+    def _log_attempt(self, shard: int, rec: AttemptFailed) -> None:
+        """The WARNING line of a failed attempt (the worker rate-limited them already)."""
+        self.last_error[shard] = f"{rec.exc_type}: {rec.error}"
+        retry = (
+            f"retry in {rec.retry_in_s:.3g}s"
+            if rec.retry_in_s >= 0
+            else "no retry: it expires first"
+        )
+        fields: dict[str, Any] = {
+            "worker": shard,
+            "message_id": rec.message_id,
+            "recipient": rec.recipient,
+            "attempt": rec.attempt,
+            "max_attempts": rec.max_attempts,
+            "retry_in_s": round(rec.retry_in_s, 3),
+            "exc_type": rec.exc_type,
+            "error": rec.error,
+            "suppressed": rec.suppressed,
+        }
+        if rec.traceback and failures_log.isEnabledFor(logging.DEBUG):
+            fields["traceback"] = rec.traceback
+        failures_log.warning(
+            "message %d to %r failed (attempt %d/%d), %s: %s: %s%s",
+            rec.message_id,
+            rec.recipient,
+            rec.attempt,
+            rec.max_attempts,
+            retry,
+            rec.exc_type,
+            rec.error,
+            suppressed_note(rec.suppressed),
+            extra=fields,
+        )
+
+    def _log_letter(self, shard: int, dl: DeadLetter) -> None:
+        """The ERROR line (and event) of a stored dead letter, with its traceback; rate-limited."""
+        msg = dl.message
+        exc_type = dl.error.partition(":")[0] if dl.reason == "max_attempts" else ""
+        if dl.error:
+            self.last_error[shard] = dl.error
+        held = self.letter_log.allow((msg.recipient, dl.reason, exc_type))
+        if held is None:
+            return
+        self.events.emit(
+            "dead_letter",
+            "error",
+            f"message {msg.id} to {msg.recipient!r} dead-lettered ({dl.reason}) after "
+            f"{dl.attempts} attempt(s): {dl.error}{suppressed_note(held)}",
+            worker=shard,
+            message_id=msg.id,
+            recipient=msg.recipient,
+            reason=dl.reason,
+            attempts=dl.attempts,
+            error=dl.error,
+            suppressed=held,
+            traceback=dl.traceback,
+        )
+
+    def _log_redeliveries(self) -> None:
+        self._redelivery_timer = None
+        for shard, count in enumerate(self.redelivered):
+            if count:
+                self.redelivered[shard] = 0
+                # Never silent: the handler sees these messages a second time.
+                self.events.emit(
+                    "redelivered",
+                    "warning",
+                    f"worker {shard} delivers again {count:,} messages that a previous worker "
+                    "process fetched and never settled (at least once; "
+                    f"{self.counts['redelivered']:,} redelivered in all)",
+                    worker=shard,
+                    redelivered=count,
+                )
 
     def in_flight(self) -> int:
         c = self.counts
@@ -145,6 +225,9 @@ class Returns:
     def close(self) -> None:
         """Stop reading, fail the requests still waiting for a reply, close the store."""
         self.loop.remove_reader(self.wakeups.return_ready.fd)
+        if self._redelivery_timer is not None:
+            self._redelivery_timer.cancel()
+            self._log_redeliveries()
         for fut in self.futures.values():
             if not fut.done():
                 fut.set_exception(EngineClosed("the engine stopped before the reply came"))

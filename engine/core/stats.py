@@ -76,8 +76,13 @@ def build_stats(
                 "heartbeat_age_s": w.beat_age_s,
                 "recycled": w.recycled,
                 "error": w.error,
+                "last_error": w.error or d.returns.last_error[w.worker],
             }
             for w in (report.workers if report else [])
+        ],
+        "top_recipients": [
+            {"recipient": recipient, "held": held}
+            for recipient, held in (report.backlog if report else [])
         ],
         "monitor": {
             "pid": getattr(monitor, "pid", None),

@@ -18,10 +18,18 @@ from typing import Any
 
 from engine.backoff import backoff_s
 from engine.config import Config
+from engine.core.events import EventLog
 from engine.errors import EngineClosed, EngineStartError
-from engine.procutil import context, group_signals_blocked, is_same_process, signal_if_same
+from engine.procutil import (
+    context,
+    exit_reason,
+    group_signals_blocked,
+    is_same_process,
+    signal_if_same,
+)
 from ipc.control import (
     Command,
+    MonitorEvent,
     MonitorReport,
     WorkerFailed,
     WorkerReady,
@@ -38,9 +46,10 @@ log = logging.getLogger("engine")
 class MonitorSupervisor:
     """Starts, watches, restarts and stops the monitor process of one engine."""
 
-    def __init__(self, config: Config, handler: Any) -> None:
+    def __init__(self, config: Config, handler: Any, events: EventLog | None = None) -> None:
         self.config = config
         self.handler = handler
+        self.events = events if events is not None else EventLog()
         self.shards: list[ShardMemory] = []
         self.proc: Any = None
         self.conn: Any = None
@@ -99,9 +108,20 @@ class MonitorSupervisor:
                     EngineStartError(f"worker {msg.worker} failed to start: {msg.error}")
                 )
             else:
-                log.warning("worker %d (pid %d): %s", msg.worker, msg.pid, msg.error)
+                self.events.emit(
+                    "worker_boot_failed", "error", msg.error, worker=msg.worker, error=msg.error
+                )
         elif isinstance(msg, WorkerRecycled):
-            log.info("restarting worker %d (pid %d): %s", msg.worker, msg.pid, msg.reason)
+            self.events.emit(
+                "worker_recycled",
+                "info",
+                f"restarting worker {msg.worker} (pid {msg.pid}) gracefully: {msg.reason}",
+                worker=msg.worker,
+                pid=msg.pid,
+                reason=msg.reason,
+            )
+        elif isinstance(msg, MonitorEvent):
+            self.events.emit(msg.event, msg.level, msg.message, worker=msg.worker, **msg.detail)
         return True
 
     def reload(self) -> None:
@@ -132,10 +152,22 @@ class MonitorSupervisor:
         if self.stopping:
             return
         self.restarts += 1
+        how = exit_reason(proc.exitcode)
         if self.restarts > MONITOR_RESTART_LIMIT:
             self.error = f"monitor died {self.restarts} times; not restarted"
-            log.error("%s", self.error)
+            self.events.emit(
+                "monitor_died", "error", f"the monitor (pid {proc.pid}) {how}; {self.error}"
+            )
             return  # stats() reports it; the rings keep every message for a restart
+        self.events.emit(
+            "monitor_died",
+            "error",
+            f"the monitor (pid {proc.pid}) {how}; restarting it once its workers are gone "
+            f"(restart {self.restarts} of at most {MONITOR_RESTART_LIMIT})",
+            pid=proc.pid,
+            exit_code=proc.exitcode,
+            restarts=self.restarts,
+        )
         self._restart_task = loop.create_task(self._restart())
 
     async def _restart(self) -> None:
@@ -165,6 +197,13 @@ class MonitorSupervisor:
             await self._restart()
         else:
             self.error = ""
+            self.events.emit(
+                "monitor_restarted",
+                "warning",
+                f"the monitor is back (pid {self.proc.pid}) with {len(self.shards)} workers",
+                pid=self.proc.pid,
+                restarts=self.restarts,
+            )
 
     async def stop(self, fast: bool = False) -> None:
         """Stop the monitor, and with it the workers, for good (no restart after this).

@@ -41,6 +41,7 @@ class WorkerSlot:
     restarts: int = 0
     ready: bool = False
     kill_sent_at: float = 0.0
+    kill_escalated: bool = False  # SIGKILL after a stall's SIGTERM was announced
     last_beat: int = -1
     last_beat_at: float = 0.0
     lane_crashes: list[int] = field(default_factory=lambda: [0] * LANES)
@@ -66,6 +67,7 @@ class WorkerSlot:
         self.proc, self.conn, self.pid = proc, conn, proc.pid
         self.ready = False
         self.kill_sent_at = 0.0
+        self.kill_escalated = False
         self.last_beat = self.shard.lanes[0].heartbeat
         self.last_beat_at = time.monotonic()
         self.message_limit = message_limit

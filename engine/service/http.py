@@ -1,7 +1,10 @@
 """The HTTP side of the service (aiohttp): health, stats, metrics and JSON ingress.
 
 ``GET /healthz`` answers without a token (load balancers and orchestrators
-probe it) and tells only ok/unhealthy with reasons; every other route needs
+probe it) and tells only ok/degraded/unhealthy with reasons; so do the
+dashboard's page and assets (``GET /``, ``/dashboard/*``: no data in them),
+and ``GET /v1/live`` checks the token itself at the WebSocket handshake
+(`engine.service.live`).  Every other route needs
 ``Authorization: Bearer <token>`` when tokens are set (ENGINE_AUTH_TOKEN,
 ENGINE_AUTH_TOKENS_FILE: `engine.service.users`), and the token's user is
 stamped on what the request sends.
@@ -28,6 +31,7 @@ from aiohttp import web
 from engine.batches import BatchRequest
 from engine.core.batch import Outcome
 from engine.errors import EngineClosed, EngineError
+from engine.service.dashboard import add_dashboard_routes
 from engine.service.metrics import CONTENT_TYPE, Snapshot, render
 from engine.service.ratelimit import limited_reason
 from ipc.codec import pack_payload
@@ -38,6 +42,7 @@ if TYPE_CHECKING:
 
     from engine.config import Config
     from engine.core.engine import Engine
+    from engine.service.live import Live
     from engine.service.ratelimit import UserLimits
     from engine.service.users import Users
 
@@ -58,10 +63,13 @@ class Service(Protocol):
     stop_requested: asyncio.Event
     users: Users
     limits: UserLimits
+    live: Live
 
     def stats(self) -> dict[str, Any]: ...
 
     def health_problems(self) -> list[str]: ...
+
+    def degradation(self) -> list[str]: ...
 
     def service_counts(self) -> dict[str, int]: ...
 
@@ -131,6 +139,25 @@ def _item(o: Outcome) -> dict[str, Any]:
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+OPEN_PATHS = ("/healthz", "/", "/v1/live")  # /v1/live checks the token at its handshake
+DEAD_LETTER_PAGE = 1000  # the most letters one GET /v1/dead-letters returns when paged
+
+
+def _query_int(request: web.Request, name: str, default: int, low: int, high: int) -> int:
+    """A query parameter as an int within [low, high]; HTTP 400 naming it otherwise."""
+    text = request.query.get(name)
+    if text is None:
+        return default
+    try:
+        value = int(text)
+    except ValueError:
+        value = low - 1
+    if not low <= value <= high:
+        body = _json.encode(
+            {"error": "bad_request", "reason": f"{name} must be an integer in [{low}, {high}]"}
+        )
+        raise web.HTTPBadRequest(body=body, content_type="application/json")
+    return value
 
 
 def make_app(service: Service) -> web.Application:
@@ -141,7 +168,8 @@ def make_app(service: Service) -> web.Application:
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         counts["http_requests_total"] += 1
         request["user"] = ""
-        if service.users.required and request.path != "/healthz":
+        path = request.path
+        if service.users.required and path not in OPEN_PATHS and not path.startswith("/dashboard/"):
             given = request.headers.get("Authorization", "")
             scheme, _, value = given.partition(" ")
             user = service.users.authenticate(value) if scheme.lower() == "bearer" else None
@@ -161,8 +189,11 @@ def make_app(service: Service) -> web.Application:
 
     async def healthz(request: web.Request) -> web.Response:
         reasons = service.health_problems()
+        degraded = service.degradation()
         if reasons:
-            return _reply(503, {"status": "unhealthy", "reasons": reasons})
+            return _reply(503, {"status": "unhealthy", "reasons": reasons + degraded})
+        if degraded:
+            return _reply(503, {"status": "degraded", "reasons": degraded})
         return _reply(200, {"status": "ok"})
 
     async def stats(request: web.Request) -> web.Response:
@@ -272,17 +303,57 @@ def make_app(service: Service) -> web.Application:
         return _reply(200, {"cleared": service.engine.cache.clear(user), "user": user})
 
     async def dead_letters(request: web.Request) -> web.Response:
+        """Oldest first (``?newest_first=1``: newest first); ``reason`` and ``recipient``
+        filter, ``offset``/``limit`` page.  The body stays a plain list;
+        ``X-Total-Count`` says how many matched."""
         from engine.core.deadletters import view
 
         if service.engine.cluster is not None:  # the cluster's DLQ stream
             return _reply(200, await service.engine.cluster.dead_letters())
-        return _reply(200, [view(dl) for dl in service.engine.dead_letters()])
+        reason = request.query.get("reason", "")
+        recipient = request.query.get("recipient", "")
+        letters = [
+            dl
+            for dl in service.engine.dead_letters()
+            if (not reason or dl.reason == reason)
+            and (not recipient or dl.message.recipient == recipient)
+        ]
+        total = len(letters)
+        if request.query.get("newest_first", "") in ("1", "true", "yes"):
+            letters.reverse()
+        offset = _query_int(request, "offset", 0, 0, 1 << 62)
+        paged = "limit" in request.query or offset
+        limit = _query_int(request, "limit", DEAD_LETTER_PAGE, 1, DEAD_LETTER_PAGE)
+        if paged:
+            letters = letters[offset : offset + limit]
+        resp = _reply(200, [view(dl) for dl in letters])
+        resp.headers["X-Total-Count"] = str(total)
+        return resp
+
+    async def dead_letter(request: web.Request) -> web.Response:
+        from engine.core.deadletters import view
+
+        try:
+            message_id = int(request.match_info["id"])
+        except ValueError:
+            return _problem(400, "bad_request", "the id must be an integer")
+        found = [dl for dl in service.engine.dead_letters() if dl.message.id == message_id]
+        if not found:
+            return _problem(404, "not_found", f"no dead letter of message {message_id}")
+        return _reply(200, view(found[0]))
 
     async def replay(request: web.Request) -> web.Response:
+        """Replay every dead letter, or only those of ``?id=N`` (repeatable)."""
         if refused := refuse_if_stopping():
             return refused
+        ids: list[int] | None = None
+        if "id" in request.query:
+            try:
+                ids = [int(v) for v in request.query.getall("id")]
+            except ValueError:
+                return _problem(400, "bad_request", "id must be an integer message id")
         try:
-            return _reply(200, {"replayed": await service.engine.replay_dead_letters()})
+            return _reply(200, {"replayed": await service.engine.replay_dead_letters(ids)})
         except EngineClosed as exc:
             return _problem(503, "closed", str(exc))
 
@@ -294,7 +365,10 @@ def make_app(service: Service) -> web.Application:
     app.router.add_post("/v1/batch", batch)
     app.router.add_delete("/v1/cache", clear_cache)
     app.router.add_get("/v1/dead-letters", dead_letters)
+    app.router.add_get("/v1/dead-letters/{id}", dead_letter)
     app.router.add_post("/v1/dead-letters/replay", replay)
+    add_dashboard_routes(app)
+    app.router.add_get("/v1/live", service.live.websocket)
     return app
 
 

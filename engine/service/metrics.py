@@ -108,6 +108,14 @@ class EngineCollector(Collector):
             fill.add_metric([lane], s["ring_fill"][lane])
         yield depth
         yield fill
+        backlog = GaugeMetricFamily(
+            "engine_recipient_backlog_messages",
+            "Messages held by the workers per recipient, for the ENGINE_BACKLOG_TOP largest only.",
+            labels=["recipient"],
+        )
+        for top in s.get("top_recipients", []):
+            backlog.add_metric([top["recipient"]], top["held"])
+        yield backlog
         yield GaugeMetricFamily(
             "engine_dead_letters_stored", "Dead letters held.", value=s["dead_letters_stored"]
         )

@@ -26,8 +26,10 @@ from engine.config import Config, ConfigError
 from engine.core.engine import Engine
 from engine.errors import EngineStartError
 from engine.exitcodes import ExitCode
+from engine.service.health import FailureWatch
 from engine.service.http import HTTP_COUNTERS
 from engine.service.ingress import Ingress
+from engine.service.live import Live
 from engine.service.ratelimit import UserLimits
 from engine.service.users import Users
 
@@ -78,6 +80,8 @@ class Service:
         self.reloads = 0
         self.signals = 0
         self._stop_signal_at = 0.0  # loop time of the first stop signal
+        self.failures = FailureWatch(config.degraded_failure_ratio, config.stats_interval_s)
+        self.live = Live(self)  # the dashboard's samples and WebSocket clients
 
     # -- views used by the HTTP routes ---------------------------------------------
     def service_counts(self) -> dict[str, int]:
@@ -113,6 +117,16 @@ class Service:
         ]
         return problems
 
+    def degradation(self) -> list[str]:
+        """Why the service is degraded though up (a handler failing most attempts); [] if not.
+
+        Apart from `health_problems` so a liveness probe can ignore it while a
+        readiness probe (and ``/healthz``) report it.
+        """
+        self.failures.observe(self.engine.report)
+        problem = self.failures.problem()
+        return [problem] if problem else []
+
     # -- lifecycle -----------------------------------------------------------------
     async def start(self) -> None:
         from aiohttp import web
@@ -122,6 +136,7 @@ class Service:
         cfg = self.config
         await self.engine.start()
         try:
+            self.live.start()
             self.ingress = Ingress(
                 self.engine,
                 users=self.users,
@@ -286,6 +301,7 @@ class Service:
         return await self.engine.drain(max(0.0, deadline - loop.time()))
 
     async def _close_servers(self, timeout: float) -> None:
+        await self.live.stop()
         if self.ingress is not None:
             await self.ingress.close(timeout)
         if self.runner is not None:

@@ -18,22 +18,32 @@ MAX_POINTS = 1024  # time-series cap; thinned by half when reached
 
 
 class GaugeStats(msgspec.Struct):
-    """Running summary of a sampled value: no samples are kept."""
+    """Running summary of a sampled value: no samples are kept.
+
+    ``weight`` is what one sample stands for: 1 by default, or the length of
+    its interval for a rate, so the average is over time and never above the peak.
+    """
 
     samples: int = 0
     total: float = 0.0
+    weights: float = 0.0
     peak: float = 0.0
     last: float = 0.0
 
-    def add(self, value: float) -> None:
+    def add(self, value: float, weight: float = 1.0) -> None:
         self.samples += 1
-        self.total += value
+        self.total += value * weight
+        self.weights += weight
         self.last = value
         self.peak = max(self.peak, value)
 
     @property
     def average(self) -> float:
-        return self.total / self.samples if self.samples else 0.0
+        if not self.weights:
+            return 0.0
+        # A weighted mean of the samples is at most their peak; min() only drops the
+        # last-digit rounding of value * weight / weight.
+        return min(self.total / self.weights, self.peak)
 
 
 class SeriesPoint(msgspec.Struct, frozen=True):
@@ -48,6 +58,8 @@ class SeriesPoint(msgspec.Struct, frozen=True):
     kills: int  # chaos kills so far
     p50_s: float | None  # settle latency of the deliveries reported since the last point
     p99_s: float | None
+    failed_attempts: int = 0  # cumulative, as the monitor last reported
+    dead_lettered: int = 0  # cumulative
 
 
 class MetricsCollector:
@@ -67,11 +79,11 @@ class MetricsCollector:
     def count(self, name: str, n: int = 1) -> None:
         self.counters[name] += n
 
-    def observe(self, name: str, value: float) -> None:
+    def observe(self, name: str, value: float, weight: float = 1.0) -> None:
         gauge = self.gauges.get(name)
         if gauge is None:
             gauge = self.gauges[name] = GaugeStats()
-        gauge.add(value)
+        gauge.add(value, weight)
 
     def gauge(self, name: str) -> GaugeStats:
         return self.gauges.get(name) or GaugeStats()

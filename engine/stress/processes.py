@@ -2,14 +2,14 @@
 
 The dispatcher is this process (it also runs the generator, the sampler and
 the progress bar), the monitor is the engine's child, the workers are the
-monitor's children as its latest report names them.  `psutil.Process` objects
-are kept per pid because ``cpu_percent`` measures since the previous call on
-the same object; a respawned worker gets a new pid and starts from zero.
+monitor's children, named by their shard's slot (a respawned worker writes its
+pid there before it delivers anything).
 """
 
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import Iterable
 
 import psutil
@@ -18,32 +18,39 @@ ROLES = ("dispatcher", "monitor", "workers")
 
 
 class ProcessSampler:
-    """Samples CPU % (100 = one core) and RSS bytes per role: dispatcher, monitor, workers."""
+    """CPU seconds (cumulative since the run began) and RSS bytes per role.
 
-    def __init__(self) -> None:
-        self._procs: dict[int, psutil.Process] = {}
+    CPU comes from each process's own counters (user + system time), not from
+    psutil's percentages: a process first seen mid-run, or alive for a single
+    sample, is measured all the same.  A process born after the start counts
+    from birth; one that was already running, from the moment it was first
+    seen; one that died keeps what it had used.
+    """
 
-    def _process(self, pid: int) -> tuple[psutil.Process | None, bool]:
-        """The kept Process for ``pid`` (None if gone) and whether it was new, i.e. just primed.
+    def __init__(self, started_at: float | None = None) -> None:
+        self._procs: dict[int, tuple[psutil.Process, float, str]] = {}  # pid: (proc, base, role)
+        self._started_at = time.time() if started_at is None else started_at
+        self._gone = dict.fromkeys(ROLES, 0.0)  # CPU seconds of processes that ended
+        self._used: dict[int, float] = {}  # pid: CPU seconds used so far, as last read
 
-        A new process's CPU is left out of this sample: psutil would measure it
-        over the microseconds since priming and report absurd percentages.
-        """
-        proc = self._procs.get(pid)
-        if proc is not None:
-            return proc, False
+    def _process(self, pid: int, role: str) -> psutil.Process | None:
+        kept = self._procs.get(pid)
+        if kept is not None:
+            return kept[0]
         try:
             proc = psutil.Process(pid)
-            proc.cpu_percent(None)  # the first call only starts the measurement
+            born_after = proc.create_time() >= self._started_at
+            times = proc.cpu_times()
         except psutil.Error:
-            return None, True
-        self._procs[pid] = proc
-        return proc, True
+            return None
+        base = 0.0 if born_after else times.user + times.system
+        self._procs[pid] = (proc, base, role)
+        return proc
 
     def sample(
         self, monitor_pid: int | None, worker_pids: Iterable[int]
     ) -> dict[str, tuple[float, int]]:
-        """``{role: (cpu_percent, rss_bytes)}`` summed over the role's live processes."""
+        """``{role: (cpu_seconds, rss_bytes)}``: CPU used since the start, RSS now."""
         pids = {
             "dispatcher": [os.getpid()],
             "monitor": [monitor_pid] if monitor_pid else [],
@@ -52,19 +59,24 @@ class ProcessSampler:
         out: dict[str, tuple[float, int]] = {}
         seen: set[int] = set()
         for role in ROLES:
-            cpu, rss = 0.0, 0
+            cpu, rss = self._gone[role], 0
             for pid in pids[role]:
-                proc, new = self._process(pid)
+                proc = self._process(pid, role)
                 seen.add(pid)
                 if proc is None:
                     continue
+                base = self._procs[pid][1]
                 try:
                     with proc.oneshot():
-                        cpu += 0.0 if new else proc.cpu_percent(None)
+                        times = proc.cpu_times()
                         rss += proc.memory_info().rss
                 except psutil.Error:  # it died between the report and now (chaos)
                     continue
+                self._used[pid] = times.user + times.system - base
+            cpu += sum(self._used.get(pid, 0.0) for pid in set(pids[role]))
             out[role] = (cpu, rss)
         for pid in set(self._procs) - seen:
-            del self._procs[pid]  # gone: forget it, a reused pid must start afresh
+            # Gone (or no longer its role's): keep what it used; a reused pid starts afresh.
+            self._gone[self._procs[pid][2]] += self._used.pop(pid, 0.0)
+            del self._procs[pid]
         return out

@@ -179,8 +179,8 @@ class StressReport(msgspec.Struct, kw_only=True):
     elapsed_s: float  # first submit to every message settled
     submit_s: float  # first submit to the last submit_many returning
     throughput_msgs_per_s: float  # settled messages / elapsed_s
-    peak_throughput_msgs_per_s: float  # best sampling interval
-    success_rate: float  # delivered / generated
+    peak_throughput_msgs_per_s: float  # best sampling interval (>= the average)
+    success_rate: float  # delivered / generated: after retries, not the mock core's rate
     failed_attempts: int
     retried: int
     redelivered: int  # delivered again after a worker died (at-least-once)
@@ -197,6 +197,7 @@ class StressReport(msgspec.Struct, kw_only=True):
     ring_fill: Gauge  # fullest lane ring, 0..1
     samples: int
     series: list[SeriesPoint]
+    too_short: str = ""  # why the rates, peaks and CPU figures mean little; "" when they do
 
     def to_json(self) -> bytes:
         return msgspec.json.format(msgspec.json.encode(self), indent=2) + b"\n"
@@ -218,6 +219,22 @@ def peak_throughput(series: list[SeriesPoint]) -> float:
         if dt > 0:
             best = max(best, (b.settled - a.settled) / dt)
     return best
+
+
+MIN_TRUSTED_S = 2.0
+"""A run shorter than this (or with fewer samples) is mostly start-up and drain."""
+MIN_TRUSTED_SAMPLES = 8
+
+
+def too_short(elapsed_s: float, samples: int) -> str:
+    """Why a run's rates, peaks and CPU figures are not worth much, or ""."""
+    if elapsed_s >= MIN_TRUSTED_S and samples >= MIN_TRUSTED_SAMPLES:
+        return ""
+    return (
+        f"a {elapsed_s:.2f}s run with {samples} sample(s) is too short to trust its rates, "
+        f"peak and CPU figures (want >= {MIN_TRUSTED_S:g}s and {MIN_TRUSTED_SAMPLES} "
+        "samples): use --suite medium, more --messages, or --duration"
+    )
 
 
 def build_report(
@@ -292,6 +309,7 @@ def build_report(
         ring_fill=gauge("ring_fill"),
         samples=metrics.counters["samples"],
         series=list(metrics.series),
+        too_short=too_short(elapsed_s, metrics.counters["samples"]),
     )
 
 

@@ -44,6 +44,7 @@ from engine.stress.scenarios import DEFAULT_AGENTS, SUITES, Scenario
 from ipc.codec import pack_payload
 from ipc.control import Histogram
 from ipc.records import DeadLetter
+from ipc.shard import SLOT_PID
 
 # Onboarding is control traffic: a hard onboard must not wait behind chat, a soft one may.
 PRIORITY_OF = {
@@ -218,9 +219,10 @@ class StressTestRunner:
             # kept from finishing by kills that come faster than workers respawn.
             await _cancel(chaos, reraise=True)
             drained = await eng.drain(self.drain_timeout_s)
-            elapsed_s = time.monotonic() - t0
+            # The last point closes the series at the end of the run: the intervals then
+            # cover the run exactly, so the best interval is never below the average.
+            elapsed_s = sampler.sample(t0, final=True)
             await _cancel(tasks, reraise=True)
-            sampler.sample(t0, final=True)
             stats = await _settled_stats(eng, self.sample_interval_s)
             letters = eng.dead_letters()
             tally = tally_dead_letters(letters)
@@ -307,9 +309,11 @@ class Sampler:
         self.procs = ProcessSampler()
         self._report_ns = -1
         self._last_settle: Histogram | None = None
+        self._cpu: dict[str, float] = {}  # CPU seconds per role at the previous sample
+        self._cpu_at = 0.0
 
     def prime(self, t0: float) -> None:
-        """The first point (t=0); starts psutil's CPU measurement (its first reading is 0)."""
+        """The first point (t=0): the CPU counters' starting values."""
         self.sample(t0, observe=False)
 
     async def loop(self, t0: float, interval_s: float) -> None:
@@ -319,25 +323,34 @@ class Sampler:
             next_at = max(next_at + interval_s, time.monotonic())  # no catch-up bursts
             self.sample(t0)
 
-    def sample(self, t0: float, *, final: bool = False, observe: bool = True) -> None:
-        """One point of the series; ``observe``: also feed the gauges (not for the priming one)."""
+    def sample(self, t0: float, *, final: bool = False, observe: bool = True) -> float:
+        """One point of the series, and its time since ``t0``; ``observe``: also feed the
+        gauges (not for the priming one)."""
         eng, m = self.eng, self.metrics
         stats = eng.stats()
         settled = stats["delivered"] + stats["dead_lettered"] + stats["expired"]
         depth = sum(stats["queue_depth"].values())
         procs = self.procs.sample(
-            getattr(eng.monitor, "pid", None),
-            [w["pid"] for w in stats["workers"] if w["alive"]],
+            getattr(eng.monitor, "pid", None), [int(s.slot_idx[SLOT_PID]) for s in eng.shards]
         )
-        cpu = sum(c for c, _ in procs.values())
+        now = time.monotonic()
+        dt = now - self._cpu_at
+        # CPU % of each role over the interval since the previous sample (100 = one core).
+        pct = {
+            role: (procs[role][0] - self._cpu.get(role, 0.0)) / dt * 100 if dt > 0 else 0.0
+            for role in ROLES
+        }
+        self._cpu = {role: procs[role][0] for role in ROLES}
+        self._cpu_at = now
+        cpu = sum(pct.values())
         rss = sum(r for _, r in procs.values())
         if observe:
             m.observe("queue_depth", depth)
             m.observe("ring_fill", max(stats["ring_fill"].values(), default=0.0))
-            m.observe("cpu_percent.total", cpu)
+            m.observe("cpu_percent.total", cpu, weight=dt)
             m.observe("rss_bytes.total", rss)
             for role in ROLES:
-                m.observe(f"cpu_percent.{role}", procs[role][0])
+                m.observe(f"cpu_percent.{role}", pct[role], weight=dt)
                 m.observe(f"rss_bytes.{role}", procs[role][1])
             m.count("samples")
         p50 = p99 = None
@@ -349,7 +362,7 @@ class Sampler:
             if recent.count:
                 p50, p99 = recent.percentile(50), recent.percentile(99)
         point = SeriesPoint(
-            t_s=time.monotonic() - t0,
+            t_s=now - t0,
             generated=self.gen.generated,
             settled=settled,
             queue_depth=depth,
@@ -358,10 +371,13 @@ class Sampler:
             kills=m.counters["chaos_kills"],
             p50_s=p50,
             p99_s=p99,
+            failed_attempts=stats["failed_attempts"],
+            dead_lettered=stats["dead_lettered"],
         )
         m.add_point(point, force=final)
         if self.on_progress is not None:
             self.on_progress(self.gen.generated, settled)
+        return point.t_s
 
 
 def tally_dead_letters(letters: list[DeadLetter]) -> DeadLetterTally:

@@ -13,7 +13,14 @@ import msgspec
 
 from engine.worker.delivery import FrameTrack
 from engine.worker.state import WorkerState
-from ipc.records import DeadLetter, FrameDone, Reply, ReturnRecord, encode_records
+from ipc.records import (
+    AttemptFailed,
+    DeadLetter,
+    FrameDone,
+    Reply,
+    ReturnRecord,
+    encode_records,
+)
 from ipc.shard import LANES
 
 RECORDS_PER_FRAME = 512
@@ -103,5 +110,9 @@ def _shrunk(rec: ReturnRecord, size: int, limit: int) -> ReturnRecord:
     if isinstance(rec, DeadLetter):
         msg = msgspec.structs.replace(rec.message, payload=NIL)
         error = f"{rec.error} [payload dropped {note}]"
-        return DeadLetter(msg, rec.reason, rec.attempts, error, rec.at_ns, rec.lane, rec.frame_end)
+        return DeadLetter(
+            msg, rec.reason, rec.attempts, error, rec.at_ns, rec.lane, rec.frame_end, rec.traceback
+        )
+    if isinstance(rec, AttemptFailed):
+        return msgspec.structs.replace(rec, traceback="", error=rec.error[:1000])
     return rec

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import os
 import signal
 import sys
@@ -68,7 +69,23 @@ class Worker(Fetching):
             latency_start=self.lat_start,
             latency_settle=self.lat_settle,
             sent_ns=time.monotonic_ns(),
+            backlog=self.backlog(),
         )
+
+    def backlog(self) -> list[tuple[str, int]]:
+        """The ENGINE_BACKLOG_TOP recipients holding the most fetched, unsettled messages.
+
+        Queued, in delivery or waiting for a retry; once per stats interval, so a
+        scan of the recipients costs nothing on the hot path.
+        """
+        top = self.config.backlog_top
+        if not top:
+            return []
+        held: dict[str, int] = {}
+        for lane in self.lanes:
+            for recipient, st in lane.items():
+                held[recipient] = held.get(recipient, 0) + len(st.queue) + st.busy
+        return heapq.nlargest(top, held.items(), key=lambda item: item[1])
 
     async def run(self, send: Callable[[Any], None]) -> None:
         loop = asyncio.get_running_loop()

@@ -19,9 +19,10 @@ from engine.backoff import backoff_s
 from engine.errors import Reject, Retry
 from engine.worker.commit import NIL, Committing
 from engine.worker.delivery import DEAD_LETTERED, DELIVERED, EXPIRED, Pending
+from engine.worker.failures import format_traceback
 from engine.worker.lanes import Lanes
 from ipc.codec import Kind, Message
-from ipc.records import DeadLetter, Reply
+from ipc.records import AttemptFailed, DeadLetter, Reply
 
 monotonic_ns = time.monotonic_ns
 _OUTCOMES = ("delivered", "dead_lettered", "expired")
@@ -50,12 +51,13 @@ class Settling(Lanes, Committing):
     def fail(self, p: Pending, exc: BaseException) -> None:
         msg = p.msg
         if isinstance(exc, Reject):
-            self.dead_letter(p, "rejected", exc.reason)
+            self.dead_letter(p, "rejected", exc.reason, format_traceback(exc))
             return
         self.counters["failed_attempts"] += 1
         attempts = msg.attempt + 1
         if attempts >= self.config.retry_max_attempts:
-            self.dead_letter(p, "max_attempts", f"{type(exc).__name__}: {exc}")
+            error = f"{type(exc).__name__}: {exc}"
+            self.dead_letter(p, "max_attempts", error, format_traceback(exc))
             return
         if isinstance(exc, Retry) and exc.after is not None:
             delay = exc.after
@@ -68,10 +70,32 @@ class Settling(Lanes, Committing):
         due_ns = time.monotonic_ns() + int(delay * 1e9)
         if msg.expires_ns and due_ns >= msg.expires_ns:
             # It would expire before its retry: never deliver it again, settle at expiry.
+            self._report_failure(msg, exc, -1.0)
             self._after(msg.expires_ns, self._expire_due, p)
             return
+        self._report_failure(msg, exc, delay)
         self.counters["retried"] += 1
         self._after(due_ns, self._retry_due, p)
+
+    def _report_failure(self, msg: Message, exc: BaseException, retry_in_s: float) -> None:
+        """An `AttemptFailed` for the dispatcher's log, if the rate limit lets it through."""
+        exc_type = type(exc).__name__
+        held = self.failure_log.allow((msg.recipient, exc_type))
+        if held is None:
+            return
+        self.out.append(
+            AttemptFailed(
+                msg.id,
+                msg.recipient,
+                msg.attempt,
+                self.config.retry_max_attempts,
+                retry_in_s,
+                exc_type,
+                str(exc),
+                format_traceback(exc),
+                held,
+            )
+        )
 
     def _after(self, due_ns: int, callback: Callable[[Pending, int], None], p: Pending) -> None:
         """Run ``callback(p, due_ns)`` no earlier than ``due_ns`` on the monotonic clock.
@@ -97,11 +121,13 @@ class Settling(Lanes, Committing):
             return
         self.settle(p, EXPIRED, now)
 
-    def dead_letter(self, p: Pending, reason: str, error: str) -> None:
+    def dead_letter(self, p: Pending, reason: str, error: str, tb: str = "") -> None:
         msg = p.msg
         now = time.monotonic_ns()
         track = p.frame
-        self.out.append(DeadLetter(msg, reason, msg.attempt + 1, error, now, track.lane, track.end))
+        self.out.append(
+            DeadLetter(msg, reason, msg.attempt + 1, error, now, track.lane, track.end, tb)
+        )
         if msg.kind == Kind.REQUEST and msg.correlation_id:
             self.out.append(Reply(msg.correlation_id, False, NIL, f"{reason}: {error}"))
         self.settle(p, DEAD_LETTERED, now)

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 
 from engine.config import Config
 from engine.worker.delivery import FrameTrack, Pending, RecipientLane
+from engine.worker.failures import FailureLog
 from engine.worker.sinks import Sink
 from ipc.control import Histogram
 from ipc.records import ReturnRecord, WorkerStarted
@@ -95,6 +96,7 @@ class WorkerState:
         # the redelivery window, fetched but uncommitted, grow past the window).
         self.returns_waiting = False
         self.counters = dict.fromkeys(WORKER_COUNTERS, 0)
+        self.failure_log = FailureLog()  # which failed attempts are reported (rate limit)
         self.lat_start = Histogram()
         self.lat_settle = Histogram()
         self.wake = asyncio.Event()  # space in the window, or all settled (reader, stop)

@@ -382,4 +382,4 @@ def test_percentile_of_empty_histogram_is_zero_and_q_is_checked() -> None:
 
 def test_idle_histogram_is_tiny_on_the_wire() -> None:
     snapshot = StatsSnapshot(1, 2, {}, Histogram(), Histogram(), 0)
-    assert len(encode_control(snapshot)) < 20
+    assert len(encode_control(snapshot)) <= 20  # 19, plus 1 for the empty backlog list
