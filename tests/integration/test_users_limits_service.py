@@ -45,6 +45,7 @@ def test_a_bad_tokens_file_stops_the_start_naming_the_line(tmp_path: Path) -> No
     tokens.write_text("alice tok-a\nbob\n")
     env = {k: v for k, v in os.environ.items() if not k.startswith("ENGINE_")}
     env |= {"ENGINE_AUTH_TOKENS_FILE": str(tokens), "ENGINE_PORT": "0", "ENGINE_HTTP_PORT": "0"}
+    env["ENGINE_SINK"] = "null"  # a valid sink: the tokens file is what is wrong
     proc = subprocess.run(
         [sys.executable, "-m", "engine", "serve"],
         capture_output=True,
