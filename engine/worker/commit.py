@@ -62,6 +62,7 @@ class Committing(WorkerState):
             while frames and frames[0].remaining == 0:
                 t = frames.popleft()
                 d, x, e = t.counts
+                self.uncommitted -= d + x + e
                 self.out.append(FrameDone(lane, t.end, d, x, e))
                 end = t.end
             if end >= 0:
@@ -79,6 +80,8 @@ class Committing(WorkerState):
                     self.wake.set()  # the reader may fetch again
         for lane, end in commits:
             self.consumers[lane].commit(end)
+        if commits:
+            self.wake.set()  # committed frames leave the window: the reader may fetch
 
     def _return_frames(self, records: list[ReturnRecord]) -> list[bytes]:
         """Encode records into frames that fit the return ring (by count and by bytes)."""

@@ -1,10 +1,11 @@
 """Fetching: frames from the lane rings into the worker, highest lane first.
 
-The reader takes frames while fewer than ``window`` messages are unsettled and
-no flush waits for return-ring space, rescanning from the top lane after each
-frame (with a fetch-level starvation guard), decodes a frame as one batch and
-queues its messages, or hands them to the sync fast path.  A frame that does
-not decode is salvaged message by message, so the worker never dies on it.
+The reader takes frames while fewer than ``window`` messages are unsettled (and
+uncommitted, unless a retry holds a lane) and no flush waits for return-ring
+space, rescanning from the top lane after each frame (with a fetch-level
+starvation guard), decodes a frame as one batch and queues its messages, or
+hands them to the sync fast path.  A frame that does not decode is salvaged
+message by message, so the worker never dies on it.
 Apart from delivery because this is the side that faces the rings.
 """
 
@@ -43,12 +44,7 @@ class Fetching(Runners):
         consumers = self.consumers
         rings = self.shard.lanes
         self.round_start = monotonic_ns()
-        while (
-            taken < max_frames
-            and self.unsettled < self.window
-            and not self.returns_waiting
-            and not self.stopping
-        ):
+        while taken < max_frames and not self.window_full() and not self.stopping:
             if monotonic_ns() - self.round_start > YIELD_AFTER_NS:
                 return max_frames  # a full round: the reader yields, then fetches on
 
@@ -87,6 +83,7 @@ class Fetching(Runners):
             msgs, bad = _salvage(frame)
         track = FrameTrack(lane, end, len(msgs) + len(bad))
         self.frames[lane].append(track)
+        self.uncommitted += track.remaining
         for index, error in bad:
             # Never crash on a frame (it would come back after every respawn): the
             # undecodable message is dead-lettered and its neighbours delivered.
@@ -133,11 +130,11 @@ class Fetching(Runners):
             beat()  # progress is a sign of life too, whatever the timer's luck on a busy host
             if self.out:
                 self.flush_wanted.set()
-            if full_round and self.unsettled < self.window and not self.returns_waiting:
+            if full_round and not self.window_full():
                 await asyncio.sleep(0)  # more is waiting: let the flusher and heartbeat run
-            elif self.unsettled >= self.window or self.returns_waiting:
+            elif self.window_full():
                 self.wake.clear()
-                await self.wake.wait()  # settles make room
+                await self.wake.wait()  # settles and commits make room
             else:
                 await lane_ready.wait_async(self.config.heartbeat_interval_s)
 

@@ -71,10 +71,12 @@ class Settling(Lanes, Committing):
         if msg.expires_ns and due_ns >= msg.expires_ns:
             # It would expire before its retry: never deliver it again, settle at expiry.
             self._report_failure(msg, exc, -1.0)
+            self.timed += 1
             self._after(msg.expires_ns, self._expire_due, p)
             return
         self._report_failure(msg, exc, delay)
         self.counters["retried"] += 1
+        self.timed += 1
         self._after(due_ns, self._retry_due, p)
 
     def _report_failure(self, msg: Message, exc: BaseException, retry_in_s: float) -> None:
@@ -111,6 +113,7 @@ class Settling(Lanes, Committing):
         if time.monotonic_ns() < due_ns:
             self._after(due_ns, self._retry_due, p)
             return
+        self.timed -= 1
         self.due.append(p)
         self._wake_runner()
 
@@ -119,6 +122,7 @@ class Settling(Lanes, Committing):
         if now < due_ns:
             self._after(due_ns, self._expire_due, p)
             return
+        self.timed -= 1
         self.settle(p, EXPIRED, now)
 
     def dead_letter(self, p: Pending, reason: str, error: str, tb: str = "") -> None:

@@ -85,6 +85,13 @@ class WorkerState:
         self.ready: list[deque[RecipientLane]] = [deque() for _ in range(LANES)]
         self.due: deque[Pending] = deque()  # retries whose backoff ended
         self.unsettled = 0
+        # Fetched and not yet committed (settled ones included: a lane commits in
+        # frame order).  Fetching also stops at ``window`` of these, so a crash
+        # redelivers at most a window and a frame, unless a message waits on a
+        # retry or expiry timer (``timed``): then its lane's later frames settle
+        # behind it and only ``unsettled`` bounds fetching (README: duplicates).
+        self.uncommitted = 0
+        self.timed = 0
         self.out: list[ReturnRecord] = [WorkerStarted(os.getpid())]
         self.commit_dirty = [False] * LANES
         self.higher_streak = 0
@@ -110,3 +117,11 @@ class WorkerState:
         self.careful_left = 0
         # The async pool: (task, [deadline_ns, timed_out]) per deliverer (see runners).
         self.slots: list[tuple[asyncio.Task[None], list[int]]] = []
+
+    def window_full(self) -> bool:
+        """True while the reader must not fetch: the window is taken or returns wait."""
+        return (
+            self.unsettled >= self.window
+            or (self.uncommitted >= self.window and not self.timed)
+            or self.returns_waiting
+        )
