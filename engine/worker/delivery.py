@@ -18,12 +18,13 @@ DELIVERED, DEAD_LETTERED, EXPIRED = 0, 1, 2
 class FrameTrack:
     """One input frame (a batch): its ring end position and how many messages remain."""
 
-    __slots__ = ("counts", "end", "lane", "remaining")
+    __slots__ = ("counts", "end", "fetched_ns", "lane", "remaining")
 
-    def __init__(self, lane: int, end: int, remaining: int) -> None:
+    def __init__(self, lane: int, end: int, remaining: int, fetched_ns: int = 0) -> None:
         self.lane = lane
         self.end = end
         self.remaining = remaining
+        self.fetched_ns = fetched_ns  # monotonic: how long it has held its lane's commits
         self.counts = [0, 0, 0]  # delivered, dead-lettered, expired
 
 

@@ -1,7 +1,7 @@
 """Fetching: frames from the lane rings into the worker, highest lane first.
 
 The reader takes frames while fewer than ``window`` messages are unsettled (and
-uncommitted, unless a retry holds a lane) and no flush waits for return-ring
+uncommitted, unless a retry or a slow delivery holds a lane) and no flush waits for return-ring
 space, rescanning from the top lane after each frame (with a fetch-level
 starvation guard), decodes a frame as one batch and queues its messages, or
 hands them to the sync fast path.  A frame that does not decode is salvaged
@@ -12,6 +12,7 @@ Apart from delivery because this is the side that faces the rings.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Iterable
 
@@ -21,6 +22,7 @@ from engine.errors import CodecError
 from engine.worker.delivery import FrameTrack, Pending, RecipientLane
 from engine.worker.lanes import _LANE_RANGE
 from engine.worker.runners import YIELD_AFTER_NS, Runners
+from engine.worker.state import HOLD_NS
 from ipc.codec import DECODE_ERRORS, Message, decode, decode_batch
 from ipc.records import Redelivered
 from ipc.shard import LANES
@@ -81,7 +83,7 @@ class Fetching(Runners):
             bad: list[tuple[int, str]] = []
         except CodecError:
             msgs, bad = _salvage(frame)
-        track = FrameTrack(lane, end, len(msgs) + len(bad))
+        track = FrameTrack(lane, end, len(msgs) + len(bad), self.round_start)
         self.frames[lane].append(track)
         self.uncommitted += track.remaining
         for index, error in bad:
@@ -134,7 +136,14 @@ class Fetching(Runners):
                 await asyncio.sleep(0)  # more is waiting: let the flusher and heartbeat run
             elif self.window_full():
                 self.wake.clear()
-                await self.wake.wait()  # settles and commits make room
+                if self.unsettled >= self.window or self.returns_waiting:
+                    await self.wake.wait()  # settles make room
+                else:
+                    # Only the uncommitted bound: commits make room, and so does time
+                    # (a head frame held past HOLD_NS no longer bounds fetching).
+                    with contextlib.suppress(TimeoutError):
+                        async with asyncio.timeout(HOLD_NS / 1e9):
+                            await self.wake.wait()
             else:
                 await lane_ready.wait_async(self.config.heartbeat_interval_s)
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import os
 import random
+import time
 from collections import deque
 from dataclasses import dataclass, field
 
@@ -52,6 +53,11 @@ class WorkerPlan:
     careful: bool = False  # deliver the redelivery window one by one, recording each
     quarantine: set[tuple[int, int, int]] = field(default_factory=set)  # (lane, end, index)
     crashes: int = 0
+
+
+HOLD_NS = 100_000_000
+"""A frame holding its lane's commits longer than this (a slow delivery) stops bounding
+fetching by uncommitted messages; a younger one will settle soon, so the reader waits."""
 
 
 def window_for(config: Config) -> int:
@@ -88,8 +94,10 @@ class WorkerState:
         # Fetched and not yet committed (settled ones included: a lane commits in
         # frame order).  Fetching also stops at ``window`` of these, so a crash
         # redelivers at most a window and a frame, unless a message waits on a
-        # retry or expiry timer (``timed``): then its lane's later frames settle
-        # behind it and only ``unsettled`` bounds fetching (README: duplicates).
+        # retry or expiry timer (``timed``) or a frame has held its lane's commits
+        # for HOLD_NS (a slow delivery): then the frames behind it settle and only
+        # ``unsettled`` bounds fetching, so one slow recipient never stalls the
+        # others (README: where duplicates come from).
         self.uncommitted = 0
         self.timed = 0
         self.out: list[ReturnRecord] = [WorkerStarted(os.getpid())]
@@ -120,8 +128,9 @@ class WorkerState:
 
     def window_full(self) -> bool:
         """True while the reader must not fetch: the window is taken or returns wait."""
-        return (
-            self.unsettled >= self.window
-            or (self.uncommitted >= self.window and not self.timed)
-            or self.returns_waiting
-        )
+        if self.unsettled >= self.window or self.returns_waiting:
+            return True
+        if self.uncommitted < self.window or self.timed:
+            return False
+        heads = [f[0].fetched_ns for f in self.frames if f]
+        return bool(heads) and time.monotonic_ns() - min(heads) < HOLD_NS

@@ -68,3 +68,13 @@ def retry_bad_once(msg: Message) -> None:
         raise Retry(after=3.0)
     with open(os.environ["RINGWAY_ORDER_FILE"], "a") as f:
         f.write(msg.recipient + "\n")
+
+
+async def held_until_marker(msg: Message) -> None:
+    """Recipient "held" waits until the marker file named by its payload exists."""
+    if msg.recipient == "held":
+        import os
+
+        path = msg.body()
+        while not os.path.exists(path):
+            await asyncio.sleep(0.01)
