@@ -170,6 +170,7 @@ OPEN_PATHS = (*PROBES, "/", "/v1/live")  # /v1/live checks the token at its hand
 JSON_POSTS = ("/v1/messages", "/v1/batch", "/v1/dead-letters/replay")
 DEAD_LETTER_PAGE = 1000  # the most letters one GET /v1/dead-letters returns
 DEAD_LETTER_DEFAULT_PAGE = 100  # ... without ?limit=
+REFUSED_LINGER_S = 1.0  # a connection over ENGINE_HTTP_MAX_CONNECTIONS: time to read its 503
 LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
 WILDCARDS = ("0.0.0.0", "::", "")  # a wildcard bind: every address of the host
 
@@ -368,11 +369,8 @@ def make_app(service: Service) -> web.Application:
                 f"Origin {origin!r} is not this service's own ({host}) nor in "
                 "ENGINE_ALLOWED_HOSTS: cross-site requests are refused",
             )
-        if (
-            request.method == "POST"
-            and path in JSON_POSTS
-            and request.content_type != ("application/json")
-        ):
+        json_post = request.method == "POST" and path in JSON_POSTS
+        if json_post and request.content_type != "application/json":
             given = request.headers.get("Content-Type", "")
             return _problem(
                 415,
@@ -511,7 +509,8 @@ def make_app(service: Service) -> web.Application:
                             "error": "settle_timeout",
                             "reason": f"not every message settled within {timeout:g}s "
                             "(ENGINE_HTTP_SETTLED_TIMEOUT_S); they are queued and will "
-                            "be delivered: do not send them again",
+                            "settle (delivered, dead-lettered or expired): do not send "
+                            "them again",
                             "ids": ids,
                         },
                     )
@@ -676,15 +675,36 @@ class _Counted(asyncio.Protocol):
 
 
 class _Refused(asyncio.Protocol):
-    """A connection over the cap: one 503 answer, then closed (no request is read)."""
+    """A connection over the cap: one 503 answer, no request read, then closed.
+
+    The answer goes out with a FIN at once; what the client sends meanwhile is
+    read and dropped for up to ``REFUSED_LINGER_S`` (closing with unread data
+    would be a TCP reset, which can destroy the answer before the client reads it).
+    """
 
     def __init__(self, answer: bytes) -> None:
         self.answer = answer
+        self.transport: asyncio.Transport | None = None
+        self.timer: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        tr = cast(asyncio.Transport, transport)
+        tr = self.transport = cast(asyncio.Transport, transport)
         tr.write(self.answer)
-        tr.close()
+        if tr.can_write_eof():
+            tr.write_eof()
+        self.timer = asyncio.get_running_loop().call_later(REFUSED_LINGER_S, tr.close)
+
+    def data_received(self, data: bytes) -> None:
+        pass  # the request of a refused connection: dropped unread
+
+    def eof_received(self) -> bool:
+        if self.transport is not None:
+            self.transport.close()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
 
 
 class _ConnectionCap:
