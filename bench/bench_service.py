@@ -89,7 +89,12 @@ async def _http_run(base: str, n: int) -> float:
     async with aiohttp.ClientSession() as session:
 
         async def post() -> None:
-            async with sem, session.post(f"{base}/v1/messages", data=body) as resp:
+            async with (
+                sem,
+                session.post(
+                    f"{base}/v1/messages", data=body, headers={"Content-Type": "application/json"}
+                ) as resp,
+            ):
                 assert resp.status == 202, await resp.text()
                 assert len((await resp.json())["ids"]) == FRAME
 

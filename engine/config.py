@@ -11,6 +11,7 @@ import os
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any, Literal, get_args, get_origin
 
 import msgspec
@@ -99,7 +100,20 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     http_port: Annotated[int, Meta(ge=0, le=65535, description="HTTP port; 0 = any.")] = 7879
     socket: Annotated[str, Meta(description="Unix socket path; empty = off.")] = ""
     auth_token: Annotated[
-        str, Meta(extra=_SECRET, description="Shared secret; needed for a non-loopback bind.")
+        str,
+        Meta(
+            extra=_SECRET,
+            description="Shared secret; needed for a non-loopback bind. As a command-line flag "
+            "it is visible to other users in `ps`: prefer --auth-token-file "
+            "(ENGINE_AUTH_TOKEN_FILE).",
+        ),
+    ] = ""
+    auth_token_file: Annotated[
+        str,
+        Meta(
+            description="File holding the shared secret (one line; the trailing newline is "
+            "stripped); not with ENGINE_AUTH_TOKEN.",
+        ),
     ] = ""
     max_frame_bytes: Annotated[
         int, Meta(ge=1024, le=GiB, description="Largest accepted ingress frame.")
@@ -107,6 +121,29 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     max_connections: Annotated[
         int, Meta(ge=1, le=100000, description="Concurrent ingress connections.")
     ] = 1024
+    hello_timeout_s: Annotated[
+        float,
+        Meta(gt=0, le=3600, description="Time an ingress connection has to send its Hello."),
+    ] = 10.0
+    http_max_connections: Annotated[
+        int,
+        Meta(ge=1, le=100000, description="Concurrent HTTP connections; more get 503 and close."),
+    ] = 512
+    http_settled_timeout_s: Annotated[
+        float,
+        Meta(
+            gt=0,
+            le=86400,
+            description="Longest wait of POST /v1/messages?settled=1 for settlement; then 504.",
+        ),
+    ] = 30.0
+    allowed_hosts: Annotated[
+        str,
+        Meta(
+            description="Host names HTTP requests may name (Host, Origin) besides the bound "
+            "address and localhost: a comma list; * = any.",
+        ),
+    ] = ""
     handler: Annotated[str, Meta(description="Handler as module:function.")] = ""
     sink: Annotated[
         Literal["python", "mock", "inbox", "null"], Meta(description="Delivery protocol.")
@@ -129,7 +166,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
         int, Meta(ge=0, description="Recycle a worker after this many messages; 0 = off.")
     ] = 0
     ring_warn_ratio: Annotated[
-        float, Meta(ge=0, le=1, description="Ring fill ratio at which /healthz says unhealthy.")
+        float, Meta(ge=0, le=1, description="Ring fill ratio at which /readyz says not ready.")
     ] = 0.8
     degraded_failure_ratio: Annotated[
         float,
@@ -137,7 +174,7 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
             gt=0,
             le=1,
             description="Failed share of recent delivery attempts (the last 5 s or stats "
-            "interval) at which /healthz says degraded.",
+            "interval) at which /readyz says degraded.",
         ),
     ] = 0.5
     backlog_top: Annotated[
@@ -231,10 +268,35 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
         if problems:
             raise ConfigError(*problems)
 
+    def shared_token(self) -> str:
+        """The shared secret: ``auth_token``, or the content of ``auth_token_file``."""
+        return read_token_file(self.auth_token_file) if self.auth_token_file else self.auth_token
+
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None, **overrides: object) -> "Config":
         """Build from ``env`` (default ``os.environ``) with keyword overrides winning."""
         return resolve_config(env, overrides)[0]
+
+
+def read_token_file(path: str) -> str:
+    """The token held by ``path`` (ENGINE_AUTH_TOKEN_FILE), its trailing newline stripped.
+
+    Read at each call, so a SIGHUP reload picks up a rotated token.  An
+    unreadable, empty or multi-line file is a `ConfigError` naming the path.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"cannot read ENGINE_AUTH_TOKEN_FILE={path}: {exc}") from exc
+    token = text.rstrip("\r\n")
+    if not token.strip():
+        raise ConfigError(f"ENGINE_AUTH_TOKEN_FILE={path} is empty: it must hold the token")
+    if "\n" in token or token != token.strip():
+        raise ConfigError(
+            f"ENGINE_AUTH_TOKEN_FILE={path} must hold the token alone on one line, without "
+            "surrounding spaces (several users: ENGINE_AUTH_TOKENS_FILE)"
+        )
+    return token
 
 
 # Cross-field rules: (field, must be >= this field).
@@ -362,6 +424,10 @@ def _label(spec: _Spec, source: str) -> str:
 def _cross_problems(values: Mapping[str, Any], sources: Mapping[str, str]) -> list[str]:
     """Check the rules between fields; a field whose own check failed (None) is skipped."""
     problems = []
+    if values.get("auth_token") and values.get("auth_token_file"):
+        token = _label(_SPECS["auth_token"], sources["auth_token"])
+        path = _label(_SPECS["auth_token_file"], sources["auth_token_file"])
+        problems.append(f"{token} and {path} are both set: give the token one way")
     for high, low in _AT_LEAST:
         hi = values.get(high, _SPECS[high].default)
         lo = values.get(low, _SPECS[low].default)

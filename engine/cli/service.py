@@ -15,6 +15,7 @@ import os
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from typing import Any
 
@@ -23,6 +24,10 @@ from engine.config import Config, foreign_env, resolve_config
 from engine.exitcodes import ExitCode
 from ipc.errors import EngineError
 
+TOKEN_HELP = (
+    "auth token (default: ENGINE_AUTH_TOKEN, or the file ENGINE_AUTH_TOKEN_FILE names); "
+    "a flag is visible to other users in ps: prefer ENGINE_AUTH_TOKEN_FILE"
+)
 DEMO_AGENTS = 9
 DEMO_MESSAGES = 200_000
 
@@ -86,7 +91,7 @@ def add_service_commands(sub: argparse._SubParsersAction[Any]) -> None:
     send.add_argument(
         "--url", default=None, help="tcp://HOST:PORT or unix:///PATH (default: ENGINE_*)"
     )
-    send.add_argument("--token", default=None, help="auth token (default ENGINE_AUTH_TOKEN)")
+    send.add_argument("--token", default=None, help=TOKEN_HELP)
     send.set_defaults(run=_cmd_send)
 
     dlq = sub.add_parser(
@@ -142,7 +147,7 @@ def _add_http_target(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--url", default=None, help="the service's HTTP base URL (default from ENGINE_*)"
     )
-    parser.add_argument("--token", default=None, help="auth token (default ENGINE_AUTH_TOKEN)")
+    parser.add_argument("--token", default=None, help=TOKEN_HELP)
 
 
 def _env_config() -> Config:
@@ -185,7 +190,7 @@ async def _demo_load(service: Any, n: int) -> None:
     agents = [f"Agent-{i}" for i in range(1, DEMO_AGENTS + 1)]
     url = f"tcp://{service.addresses['tcp']}"
     started = time.perf_counter()
-    async with AsyncClient(url, token=service.config.auth_token or None) as client:
+    async with AsyncClient(url, token=service.config.shared_token() or None) as client:
         await client.submit_many(
             (agents[i % DEMO_AGENTS], {"n": i, "from": agents[(i + 1) % DEMO_AGENTS]})
             for i in range(n)
@@ -207,7 +212,8 @@ async def _demo_load(service: Any, n: int) -> None:
         f"\nThe service keeps running (Ctrl-C stops it). In another terminal:\n"
         f"  engine send Agent-1 '{{\"hello\": 1}}'\n"
         f"  engine stats --watch\n"
-        f'  curl -s -X POST http://{http}/v1/messages -d \'{{"recipient": "Agent-2", '
+        f"  curl -s -X POST http://{http}/v1/messages -H 'Content-Type: application/json' "
+        f'-d \'{{"recipient": "Agent-2", '
         f'"payload": {{"hi": 1}}}}\'\n',
         flush=True,
     )
@@ -217,17 +223,24 @@ async def _demo_load(service: Any, n: int) -> None:
 def _http_base(args: argparse.Namespace) -> tuple[str, str]:
     config = _env_config()
     url = args.url or f"http://{config.host}:{config.http_port}"
-    token = args.token if args.token is not None else config.auth_token
+    token = args.token if args.token is not None else config.shared_token()
     return url.rstrip("/"), token
 
 
 def _http(method: str, url: str, token: str) -> Any:
+    return _http_page(method, url, token)[0]
+
+
+def _http_page(method: str, url: str, token: str) -> tuple[Any, str]:
+    """The decoded JSON answer and its X-Next-Cursor header ("" on the last page)."""
     req = urllib.request.Request(url, method=method)
     if token:
         req.add_header("Authorization", f"Bearer {token}")
+    if method == "POST":
+        req.add_header("Content-Type", "application/json")  # the service refuses others
     try:
         with urllib.request.urlopen(req, timeout=10) as resp:
-            return json.loads(resp.read())
+            return json.loads(resp.read()), resp.headers.get("X-Next-Cursor", "")
     except urllib.error.HTTPError as exc:
         detail = exc.read().decode(errors="replace")
         raise ServiceUnavailable(f"{method} {url}: HTTP {exc.code}: {detail}") from None
@@ -403,7 +416,7 @@ def _cmd_send(args: argparse.Namespace) -> int:
     url = args.url or (
         f"unix://{config.socket}" if config.socket else f"tcp://{config.host}:{config.port}"
     )
-    token = args.token if args.token is not None else config.auth_token
+    token = args.token if args.token is not None else config.shared_token()
     options: dict[str, Any] = {"priority": args.priority}
     if args.ttl is not None:
         options["ttl"] = args.ttl
@@ -440,7 +453,7 @@ def _cmd_dlq(args: argparse.Namespace) -> int:
         print(f"{'payload:':<10} {json.dumps(letter['payload'], default=repr)}")
         print(letter.get("traceback") or "(no traceback: the handler raised nothing)")
         return ExitCode.OK
-    letters = _http("GET", f"{base}/v1/dead-letters", token)
+    letters = _all_dead_letters(base, token)
     if args.json:
         print(json.dumps(letters, indent=2))
         return ExitCode.OK
@@ -456,6 +469,18 @@ def _cmd_dlq(args: argparse.Namespace) -> int:
         )
     Console().print(table)
     return ExitCode.OK
+
+
+def _all_dead_letters(base: str, token: str) -> list[Any]:
+    """Every dead letter, page after page (the service answers at most 1,000 at a time)."""
+    letters: list[Any] = []
+    url = f"{base}/v1/dead-letters?limit=1000"
+    while True:
+        page, cursor = _http_page("GET", url, token)
+        letters += page
+        if not cursor:
+            return letters
+        url = f"{base}/v1/dead-letters?limit=1000&cursor={urllib.parse.quote(cursor)}"
 
 
 # -- cache ------------------------------------------------------------------------------

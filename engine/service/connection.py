@@ -65,7 +65,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("engine.ingress")
 
 PENDING_ANSWERS = 256  # answers queued per connection before its reader pauses
-HELLO_TIMEOUT_S = 10.0  # a connection must introduce itself within this time
+PRE_AUTH_OVERHEAD = 4096  # bytes a Hello may hold besides its token (version, client name)
 WRITE_BATCH = 64  # answers coalesced into one socket write at most
 
 Answer = ServerFrame | asyncio.Task[ServerFrame]
@@ -110,6 +110,7 @@ class Host(Protocol):
     users: Users
     limits: UserLimits
     max_frame_bytes: int
+    hello_timeout_s: float
     answer_linger_s: float
     counts: dict[str, int]
     accepting: bool
@@ -183,11 +184,25 @@ class Connection:
             cast(asyncio.Transport, self.writer.transport).pause_reading()
             self.reader.feed_eof()
 
+    def pre_auth_limit(self) -> int:
+        """The largest frame read before the Hello: the longest token plus the overhead.
+
+        An unauthenticated peer can make the service hold no more than this (and
+        only for ENGINE_HELLO_TIMEOUT_S), not ENGINE_MAX_FRAME_BYTES.
+        """
+        limit = self.ingress.users.max_token_bytes + PRE_AUTH_OVERHEAD
+        return min(limit, self.ingress.max_frame_bytes)
+
     async def _handshake(self) -> None:
+        timeout = self.ingress.hello_timeout_s
         try:
-            frame = await asyncio.wait_for(self._read_frame(), HELLO_TIMEOUT_S)
+            # The whole frame, header and body, within the timeout: a peer dribbling a
+            # partial Hello is cut off too.
+            frame = await asyncio.wait_for(self._read_frame(self.pre_auth_limit()), timeout)
         except TimeoutError:
-            raise ProtocolViolation(ERR_BAD_FRAME, f"no Hello within {HELLO_TIMEOUT_S}s") from None
+            raise ProtocolViolation(
+                ERR_BAD_FRAME, f"no Hello within {timeout:g}s (ENGINE_HELLO_TIMEOUT_S)"
+            ) from None
         if frame is None:
             raise ConnectionResetError
         if not isinstance(frame, Hello):
@@ -228,8 +243,12 @@ class Connection:
             frame.seq, ERR_RATE_LIMITED, limited_reason(self.user, wait, limits.rate), wait
         )
 
-    async def _read_frame(self) -> ClientFrame | None:
-        """The next decodable frame; None at a clean end of stream."""
+    async def _read_frame(self, pre_auth: int = 0) -> ClientFrame | None:
+        """The next decodable frame; None at a clean end of stream.
+
+        ``pre_auth`` > 0: no Hello yet, frames above that many bytes are refused
+        before their body is read.
+        """
         while True:
             try:
                 self.idle = True  # between frames: stop_reading may end the stream here
@@ -241,6 +260,12 @@ class Connection:
                     raise ProtocolViolation(ERR_BAD_FRAME, "truncated frame header") from None
                 return None
             n = frame_length(header)
+            if pre_auth and n > pre_auth:
+                raise ProtocolViolation(
+                    ERR_BAD_FRAME,
+                    f"frame of {n:,} bytes before Hello exceeds the pre-auth limit of "
+                    f"{pre_auth:,} bytes (the longest token plus {PRE_AUTH_OVERHEAD:,})",
+                )
             if n > self.ingress.max_frame_bytes:
                 raise ProtocolViolation(
                     ERR_TOO_LARGE,

@@ -1,7 +1,11 @@
-"""The HTTP side of the service (aiohttp): health, stats, metrics and JSON ingress.
+"""The HTTP side of the service (aiohttp): probes, stats, metrics and JSON ingress.
 
-``GET /healthz`` answers without a token (load balancers and orchestrators
-probe it) and tells only ok/degraded/unhealthy with reasons; so do the
+The probes answer without a token and tell only a status with reasons:
+``GET /livez`` (alias ``/healthz``) is 503 only when the engine is broken (its
+monitor down, the engine stopped): a liveness probe; ``GET /readyz`` is 503
+while the service should get no new work (draining, a ring lane above
+ENGINE_RING_WARN_RATIO, a worker down, a handler failing most attempts): a
+readiness probe.  So do the
 dashboard's page and assets (``GET /``, ``/dashboard/*``: no data in them),
 and ``GET /v1/live`` checks the token itself at the WebSocket handshake
 (`engine.service.live`).  Every other route needs
@@ -15,15 +19,27 @@ binary client.  ``POST /v1/batch`` runs many requests at once
 (`engine.core.batch`), ``DELETE /v1/cache`` forgets the user's cached
 answers.  Over the user's rate limit a route that sends messages answers 429
 with ``Retry-After``.
+
+What a web page in a browser could reach is refused (`BrowserGuard`): a
+``Host`` that is not this service's address (DNS rebinding) 421, a foreign
+``Origin`` 403, a POST without ``Content-Type: application/json`` (a
+cross-origin "simple" request) 415.  `HttpRunner` caps the open connections
+(ENGINE_HTTP_MAX_CONNECTIONS) and ``?settled=1`` waits at most
+ENGINE_HTTP_SETTLED_TIMEOUT_S (504 naming the ids, which stay queued).
 """
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import binascii
+import ipaddress
 import itertools
 import logging
 import math
-from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any, Protocol
+from collections.abc import Awaitable, Callable, Sequence
+from typing import TYPE_CHECKING, Any, NoReturn, Protocol, TypeVar, cast
+from urllib.parse import urlsplit
 
 import msgspec
 from aiohttp import web
@@ -38,7 +54,7 @@ from ipc.codec import pack_payload
 from ipc.control import Histogram
 
 if TYPE_CHECKING:
-    import asyncio
+    from aiohttp.web_server import Server
 
     from engine.config import Config
     from engine.core.engine import Engine
@@ -48,7 +64,14 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("engine.http")
 
-HTTP_COUNTERS = ("http_requests_total", "http_bad_requests_total", "http_auth_failures_total")
+HTTP_COUNTERS = (
+    "http_requests_total",
+    "http_bad_requests_total",
+    "http_auth_failures_total",
+    "http_refused_total",  # a foreign Host or Origin, or a POST that is not JSON
+    "http_connections_rejected_total",  # over ENGINE_HTTP_MAX_CONNECTIONS
+    "http_settled_timeouts_total",  # ?settled=1 answered 504
+)
 
 
 class Service(Protocol):
@@ -60,6 +83,7 @@ class Service(Protocol):
     config: Config
     engine: Engine
     counts: dict[str, int]
+    addresses: dict[str, str]
     stop_requested: asyncio.Event
     users: Users
     limits: UserLimits
@@ -67,7 +91,9 @@ class Service(Protocol):
 
     def stats(self) -> dict[str, Any]: ...
 
-    def health_problems(self) -> list[str]: ...
+    def liveness_problems(self) -> list[str]: ...
+
+    def readiness_problems(self) -> list[str]: ...
 
     def degradation(self) -> list[str]: ...
 
@@ -139,8 +165,165 @@ def _item(o: Outcome) -> dict[str, Any]:
 
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
-OPEN_PATHS = ("/healthz", "/", "/v1/live")  # /v1/live checks the token at its handshake
-DEAD_LETTER_PAGE = 1000  # the most letters one GET /v1/dead-letters returns when paged
+PROBES = ("/livez", "/readyz", "/healthz")
+OPEN_PATHS = (*PROBES, "/", "/v1/live")  # /v1/live checks the token at its handshake
+JSON_POSTS = ("/v1/messages", "/v1/batch", "/v1/dead-letters/replay")
+DEAD_LETTER_PAGE = 1000  # the most letters one GET /v1/dead-letters returns
+DEAD_LETTER_DEFAULT_PAGE = 100  # ... without ?limit=
+REFUSED_LINGER_S = 1.0  # a connection over ENGINE_HTTP_MAX_CONNECTIONS: time to read its 503
+LOCAL_NAMES = ("localhost", "127.0.0.1", "::1")
+WILDCARDS = ("0.0.0.0", "::", "")  # a wildcard bind: every address of the host
+
+
+def _split_host(text: str, default_port: int) -> tuple[str, int] | None:
+    """``host[:port]`` or ``[v6][:port]`` -> (lowercase host, port); None if malformed."""
+    text = text.strip().lower()
+    if text.startswith("["):
+        host, bracket, rest = text[1:].partition("]")
+        if not bracket or (rest and not rest.startswith(":")):
+            return None
+        port_text = rest[1:]
+    elif text.count(":") == 1:
+        host, _, port_text = text.partition(":")
+    elif ":" in text:  # an unbracketed IPv6 literal (a bound address): no port
+        host, port_text = text, ""
+    else:
+        host, port_text = text, ""
+    if not host:
+        return None
+    if not port_text:
+        return host, default_port
+    if not port_text.isdigit() or not 0 < int(port_text) < 65536:
+        return None
+    return host, int(port_text)
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+class BrowserGuard:
+    """Which ``Host`` and ``Origin`` headers name this service (against DNS rebinding
+    and cross-site requests).
+
+    A Host is this service when it is ``localhost``, ``127.0.0.1``, ``[::1]`` or
+    the bound host, with the bound port; any IP literal with the bound port when
+    bound to a wildcard address (a rebinding attack needs a name); or a name of
+    ENGINE_ALLOWED_HOSTS (``name`` for any port, ``name:port`` for one; ``*`` =
+    any Host).  An Origin is allowed when it is the request's own Host (same
+    origin) or a name of ENGINE_ALLOWED_HOSTS.
+    """
+
+    def __init__(self, allowed_hosts: str, bound: str) -> None:
+        self.allowed = {h.strip().lower() for h in allowed_hosts.split(",") if h.strip()}
+        self.any = "*" in self.allowed
+        host, _, port = bound.rpartition(":")
+        self.bound_host = host.strip("[]").lower()
+        self.bound_port = int(port) if port.isdigit() else 0
+
+    def _listed(self, host: str, port: int) -> bool:
+        name = f"[{host}]" if ":" in host else host
+        return self.any or name in self.allowed or f"{name}:{port}" in self.allowed
+
+    def host_ok(self, header: str) -> bool:
+        parsed = _split_host(header, 80)
+        if parsed is None:
+            return self.any
+        host, port = parsed
+        if port == self.bound_port:
+            if host in LOCAL_NAMES or host == self.bound_host:
+                return True
+            if self.bound_host in WILDCARDS and _is_ip(host):
+                return True
+        return self._listed(host, port)
+
+    def origin_ok(self, origin: str, host_header: str) -> bool:
+        parts = urlsplit(origin.strip())
+        if parts.scheme not in ("http", "https") or not parts.netloc:
+            return False  # "null" (a sandboxed page, a file) or garbage
+        if host_header and parts.netloc.lower() == host_header.strip().lower():
+            return True  # same origin
+        parsed = _split_host(parts.netloc, 443 if parts.scheme == "https" else 80)
+        return parsed is not None and self._listed(*parsed)
+
+    def described(self) -> str:
+        port = self.bound_port
+        names = [f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}"]
+        if self.bound_host not in LOCAL_NAMES + WILDCARDS:
+            names.append(f"{self.bound_host}:{port}")
+        elif self.bound_host in WILDCARDS:
+            names.append(f"any IP address:{port}")
+        return ", ".join(names)
+
+
+T = TypeVar("T")
+
+
+def encode_cursor(key: tuple[int, int]) -> str:
+    raw = _json.encode(list(key))
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def decode_cursor(text: str) -> tuple[int, int] | None:
+    """The (message id, time) key a cursor holds; None when it is not one of ours."""
+    try:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+        key = msgspec.json.decode(raw, type=tuple[int, int])
+    except (binascii.Error, ValueError, *_UNDECODABLE):
+        return None
+    return key
+
+
+def _page(
+    request: web.Request, items: Sequence[T], key: Callable[[T], tuple[int, int]]
+) -> tuple[Sequence[T], dict[str, str]]:
+    """The page of ``items`` that ``limit`` and ``cursor`` (or ``offset``) ask for, and
+    the headers: X-Total-Count, and X-Next-Cursor with a Link rel="next" when more remain.
+
+    A cursor is the key of the last letter of the previous page, so a walk sees
+    every letter once though new ones arrive behind it; a cursor whose letter is
+    gone (evicted or replayed) is answered 410: start the walk again.
+    """
+    limit = _query_int(request, "limit", DEAD_LETTER_DEFAULT_PAGE, 1, DEAD_LETTER_PAGE)
+    offset = _query_int(request, "offset", 0, 0, 1 << 62)
+    start = offset
+    if "cursor" in request.query:
+        if "offset" in request.query:
+            _raise_bad_request("give cursor or offset, not both")
+        wanted = decode_cursor(request.query["cursor"])
+        if wanted is None:
+            _raise_bad_request(
+                "cursor is not a cursor this service gave (use X-Next-Cursor as it is)"
+            )
+        found = next((i for i, item in enumerate(items) if key(item) == wanted), None)
+        if found is None:
+            body = _json.encode(
+                {
+                    "error": "cursor_gone",
+                    "reason": "the cursor's dead letter is no longer stored (evicted or "
+                    "replayed); list again from the start",
+                }
+            )
+            raise web.HTTPGone(body=body, content_type="application/json")
+        start = found + 1
+    page = items[start : start + limit]
+    headers = {"X-Total-Count": str(len(items))}
+    if page and start + limit < len(items):
+        cursor = encode_cursor(key(page[-1]))
+        query = {k: v for k, v in request.query.items() if k not in ("cursor", "offset")}
+        link = request.rel_url.with_query({**query, "cursor": cursor})
+        headers["X-Next-Cursor"] = cursor
+        headers["Link"] = f'<{link}>; rel="next"'
+    return page, headers
+
+
+def _raise_bad_request(reason: str) -> NoReturn:
+    body = _json.encode({"error": "bad_request", "reason": reason})
+    raise web.HTTPBadRequest(body=body, content_type="application/json")
 
 
 def _query_int(request: web.Request, name: str, default: int, low: int, high: int) -> int:
@@ -153,22 +336,57 @@ def _query_int(request: web.Request, name: str, default: int, low: int, high: in
     except ValueError:
         value = low - 1
     if not low <= value <= high:
-        body = _json.encode(
-            {"error": "bad_request", "reason": f"{name} must be an integer in [{low}, {high}]"}
-        )
-        raise web.HTTPBadRequest(body=body, content_type="application/json")
+        _raise_bad_request(f"{name} must be an integer in [{low}, {high}], got {text!r}")
     return value
 
 
 def make_app(service: Service) -> web.Application:
     """The aiohttp application bound to a running service."""
     counts = service.counts
+    guards: list[BrowserGuard] = []  # made at the first request: the bound port is known then
+
+    def refused_by_browser_rules(request: web.Request) -> web.Response | None:
+        """421/403/415 for what a web page could send (see `BrowserGuard`); None if fine."""
+        path = request.path
+        if path in PROBES:
+            return None  # status only; probes come with any Host (kubelet: the pod's IP)
+        if not guards:
+            guards.append(BrowserGuard(service.config.allowed_hosts, service.addresses["http"]))
+        rules = guards[0]
+        host = request.headers.get("Host", "")
+        if host and not rules.host_ok(host):
+            return _problem(
+                421,
+                "bad_host",
+                f"Host {host!r} is not this service ({rules.described()}) nor in "
+                "ENGINE_ALLOWED_HOSTS",
+            )
+        origin = request.headers.get("Origin")
+        if origin is not None and not rules.origin_ok(origin, host):
+            return _problem(
+                403,
+                "bad_origin",
+                f"Origin {origin!r} is not this service's own ({host}) nor in "
+                "ENGINE_ALLOWED_HOSTS: cross-site requests are refused",
+            )
+        json_post = request.method == "POST" and path in JSON_POSTS
+        if json_post and request.content_type != "application/json":
+            given = request.headers.get("Content-Type", "")
+            return _problem(
+                415,
+                "unsupported_media_type",
+                f"POST {path} needs Content-Type: application/json, got {given or 'none'!r}",
+            )
+        return None
 
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
         counts["http_requests_total"] += 1
         request["user"] = ""
         path = request.path
+        if refused := refused_by_browser_rules(request):
+            counts["http_refused_total"] += 1
+            return refused
         if service.users.required and path not in OPEN_PATHS and not path.startswith("/dashboard/"):
             given = request.headers.get("Authorization", "")
             scheme, _, value = given.partition(" ")
@@ -187,11 +405,20 @@ def make_app(service: Service) -> web.Application:
                 counts["http_bad_requests_total"] += 1
             raise
 
-    async def healthz(request: web.Request) -> web.Response:
-        reasons = service.health_problems()
+    async def livez(request: web.Request) -> web.Response:
+        """Alive unless broken: what a liveness probe (a restart when it fails) asks."""
+        if reasons := service.liveness_problems():
+            return _reply(503, {"status": "unhealthy", "reasons": reasons})
+        return _reply(200, {"status": "ok"})
+
+    async def readyz(request: web.Request) -> web.Response:
+        """Accepting work: what a readiness probe (no traffic while it fails) asks."""
+        broken = service.liveness_problems()
+        reasons = service.readiness_problems()
         degraded = service.degradation()
-        if reasons:
-            return _reply(503, {"status": "unhealthy", "reasons": reasons + degraded})
+        if broken or reasons:
+            status = "unhealthy" if broken else "not ready"
+            return _reply(503, {"status": status, "reasons": broken + reasons + degraded})
         if degraded:
             return _reply(503, {"status": "degraded", "reasons": degraded})
         return _reply(200, {"status": "ok"})
@@ -224,7 +451,7 @@ def make_app(service: Service) -> web.Application:
 
     def refuse_if_stopping() -> web.Response | None:
         # Like the binary ingress, take no new messages once a stop signal came: the
-        # site keeps serving /healthz (503 "shutting down"), /stats and /metrics.
+        # site keeps serving /readyz (503 "shutting down"), /stats and /metrics.
         if service.stop_requested.is_set():
             return _problem(503, "closed", "the service is shutting down")
         return None
@@ -247,13 +474,14 @@ def make_app(service: Service) -> web.Application:
         if limited := over_limit(request, len(batch)):
             return limited
         ids: list[int] = []
+        marks: list[tuple[int, int, int]] = []
         try:
-            # Runs of messages with equal options go in as one submit_many.
+            # Runs of messages with equal options go in as one submit_marked.
             for _, run in itertools.groupby(batch, key=HttpMessage.options):
                 group = list(run)
                 first = group[0]
                 items = [(m.recipient, pack_payload(m.payload)) for m in group]
-                ids += await service.engine.submit_many(
+                queued, marked = await service.engine.submit_marked(
                     items,
                     settled=settled,
                     priority=first.priority,
@@ -266,6 +494,26 @@ def make_app(service: Service) -> web.Application:
                     dedup_key=first.dedup_key,
                     user=request["user"],
                 )
+                ids += queued
+                marks += marked
+            if marks:
+                timeout = service.config.http_settled_timeout_s
+                try:
+                    async with asyncio.timeout(timeout):
+                        await service.engine.wait_settled(marks)
+                except TimeoutError:
+                    counts["http_settled_timeouts_total"] += 1
+                    return _reply(
+                        504,
+                        {
+                            "error": "settle_timeout",
+                            "reason": f"not every message settled within {timeout:g}s "
+                            "(ENGINE_HTTP_SETTLED_TIMEOUT_S); they are queued and will "
+                            "settle (delivered, dead-lettered or expired): do not send "
+                            "them again",
+                            "ids": ids,
+                        },
+                    )
         except EngineClosed as exc:
             return _problem(503, "closed", str(exc))
         except (ValueError, TypeError, EngineError) as exc:
@@ -304,30 +552,42 @@ def make_app(service: Service) -> web.Application:
 
     async def dead_letters(request: web.Request) -> web.Response:
         """Oldest first (``?newest_first=1``: newest first); ``reason`` and ``recipient``
-        filter, ``offset``/``limit`` page.  The body stays a plain list;
-        ``X-Total-Count`` says how many matched."""
-        from engine.core.deadletters import view
+        filter; ``limit`` (default 100, at most 1,000) and ``cursor`` (or ``offset``)
+        page.  The body stays a plain list; ``X-Total-Count`` says how many matched,
+        ``X-Next-Cursor`` and ``Link: <...>; rel="next"`` where the next page is."""
+        from engine.core.deadletters import DeadLetterView, view
 
-        if service.engine.cluster is not None:  # the cluster's DLQ stream
-            return _reply(200, await service.engine.cluster.dead_letters())
         reason = request.query.get("reason", "")
         recipient = request.query.get("recipient", "")
+        newest_first = request.query.get("newest_first", "") in ("1", "true", "yes")
+        if service.engine.cluster is not None:  # the cluster's DLQ stream
+            views = [
+                v
+                for v in await service.engine.cluster.dead_letters()
+                if (not reason or v.reason == reason)
+                and (not recipient or v.recipient == recipient)
+            ]
+            if newest_first:
+                views.reverse()
+
+            def view_key(v: DeadLetterView) -> tuple[int, int]:
+                return (v.id, 0)
+
+            shown, headers = _page(request, views, view_key)
+            resp = _reply(200, list(shown))
+            resp.headers.update(headers)
+            return resp
         letters = [
             dl
             for dl in service.engine.dead_letters()
             if (not reason or dl.reason == reason)
             and (not recipient or dl.message.recipient == recipient)
         ]
-        total = len(letters)
-        if request.query.get("newest_first", "") in ("1", "true", "yes"):
+        if newest_first:
             letters.reverse()
-        offset = _query_int(request, "offset", 0, 0, 1 << 62)
-        paged = "limit" in request.query or offset
-        limit = _query_int(request, "limit", DEAD_LETTER_PAGE, 1, DEAD_LETTER_PAGE)
-        if paged:
-            letters = letters[offset : offset + limit]
-        resp = _reply(200, [view(dl) for dl in letters])
-        resp.headers["X-Total-Count"] = str(total)
+        page, headers = _page(request, letters, lambda dl: (dl.message.id, dl.at_ns))
+        resp = _reply(200, [view(dl) for dl in page])
+        resp.headers.update(headers)
         return resp
 
     async def dead_letter(request: web.Request) -> web.Response:
@@ -358,7 +618,9 @@ def make_app(service: Service) -> web.Application:
             return _problem(503, "closed", str(exc))
 
     app = web.Application(middlewares=[guard], client_max_size=service.config.max_frame_bytes)
-    app.router.add_get("/healthz", healthz)
+    app.router.add_get("/livez", livez)
+    app.router.add_get("/healthz", livez)  # the probe's older name: liveness
+    app.router.add_get("/readyz", readyz)
     app.router.add_get("/stats", stats)
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/v1/messages", messages)
@@ -381,3 +643,128 @@ def _snapshot(service: Service) -> Snapshot:
         service=service.service_counts(),
         users=service.limits.counts(),
     )
+
+
+class _Counted(asyncio.Protocol):
+    """An aiohttp connection handler that gives its slot back when the connection ends."""
+
+    def __init__(self, inner: asyncio.Protocol, release: Callable[[], None]) -> None:
+        self.inner = inner
+        self._release: Callable[[], None] | None = release
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.inner.connection_made(transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._release is not None:
+            self._release()
+            self._release = None
+        self.inner.connection_lost(exc)
+
+    def data_received(self, data: bytes) -> None:
+        self.inner.data_received(data)
+
+    def eof_received(self) -> bool | None:
+        return self.inner.eof_received()
+
+    def pause_writing(self) -> None:
+        self.inner.pause_writing()
+
+    def resume_writing(self) -> None:
+        self.inner.resume_writing()
+
+
+class _Refused(asyncio.Protocol):
+    """A connection over the cap: one 503 answer, no request read, then closed.
+
+    The answer goes out with a FIN at once; what the client sends meanwhile is
+    read and dropped for up to ``REFUSED_LINGER_S`` (closing with unread data
+    would be a TCP reset, which can destroy the answer before the client reads it).
+    """
+
+    def __init__(self, answer: bytes) -> None:
+        self.answer = answer
+        self.transport: asyncio.Transport | None = None
+        self.timer: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        tr = self.transport = cast(asyncio.Transport, transport)
+        tr.write(self.answer)
+        if tr.can_write_eof():
+            tr.write_eof()
+        self.timer = asyncio.get_running_loop().call_later(REFUSED_LINGER_S, tr.close)
+
+    def data_received(self, data: bytes) -> None:
+        pass  # the request of a refused connection: dropped unread
+
+    def eof_received(self) -> bool:
+        if self.transport is not None:
+            self.transport.close()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.timer is not None:
+            self.timer.cancel()
+
+
+class _ConnectionCap:
+    """The aiohttp server (its protocol factory) with at most ``limit`` connections open.
+
+    Everything but the factory call is the wrapped server's; a connection over
+    the limit gets a 503 naming ENGINE_HTTP_MAX_CONNECTIONS and is closed.
+    """
+
+    def __init__(self, server: Server, limit: int, counts: dict[str, int]) -> None:
+        self._server = server
+        self.limit = limit
+        self.counts = counts
+        self.active = 0
+        body = _json.encode(
+            {
+                "error": "busy",
+                "reason": f"the service has {limit:,} HTTP connections open "
+                "(ENGINE_HTTP_MAX_CONNECTIONS): try again later",
+            }
+        )
+        self._answer = (
+            b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+            b"Retry-After: 1\r\nConnection: close\r\nContent-Length: "
+            + str(len(body)).encode()
+            + b"\r\n\r\n"
+            + body
+        )
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._server, name)
+
+    def __call__(self) -> asyncio.Protocol:
+        if self.active >= self.limit:
+            self.counts["http_connections_rejected_total"] += 1
+            return _Refused(self._answer)
+        self.active += 1
+        return _Counted(self._server(), self._release)
+
+    def _release(self) -> None:
+        self.active -= 1
+
+
+class HttpRunner(web.AppRunner):
+    """`web.AppRunner` whose server accepts at most ``max_connections`` at once."""
+
+    def __init__(
+        self, app: web.Application, *, max_connections: int, counts: dict[str, int], **kw: Any
+    ) -> None:
+        super().__init__(app, **kw)
+        self.max_connections = max_connections
+        self.counts = counts
+        self._cap: _ConnectionCap | None = None
+
+    @property
+    def active(self) -> int:
+        """HTTP connections open now."""
+        return 0 if self._cap is None else self._cap.active
+
+    async def _make_server(self) -> Server:
+        server = await super()._make_server()
+        self._cap = _ConnectionCap(server, self.max_connections, self.counts)
+        return cast("Server", self._cap)

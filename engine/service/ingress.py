@@ -13,7 +13,9 @@ Bad input never takes the server down: a frame that does not decode gets an
 ``Error`` with the reason and the connection goes on (the length prefix keeps
 the stream in step); a length above ENGINE_MAX_FRAME_BYTES is refused before
 anything is allocated and the connection is closed, since the stream can no
-longer be trusted.  Every refusal is counted.
+longer be trusted.  Before its Hello is accepted a connection may send only a
+frame the size a Hello can need (the longest token plus 4 KiB), within
+ENGINE_HELLO_TIMEOUT_S (`engine.service.connection`).  Every refusal is counted.
 """
 
 from __future__ import annotations
@@ -58,12 +60,14 @@ class Ingress:
         max_frame_bytes: int,
         max_connections: int,
         answer_linger_s: float,
+        hello_timeout_s: float,
     ) -> None:
         self.engine = engine
         self.answer_linger_s = answer_linger_s  # how long a closing connection may owe answers
         self.users = users  # who each token is (the handshake asks)
         self.limits = limits  # per-user rate limits and counts
         self.max_frame_bytes = max_frame_bytes
+        self.hello_timeout_s = hello_timeout_s  # time to Hello (and its pre-auth size limit)
         self.max_connections = max_connections
         self.counts: dict[str, int] = dict.fromkeys(COUNTERS, 0)
         self.servers: list[asyncio.Server] = []

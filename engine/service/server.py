@@ -27,7 +27,7 @@ from engine.core.engine import Engine
 from engine.errors import EngineStartError
 from engine.exitcodes import ExitCode
 from engine.service.health import FailureWatch
-from engine.service.http import HTTP_COUNTERS
+from engine.service.http import HTTP_COUNTERS, HttpRunner
 from engine.service.ingress import Ingress
 from engine.service.live import Live
 from engine.service.ratelimit import UserLimits
@@ -41,10 +41,12 @@ STOP_OUTCOMES = ("submitted", "delivered", "dead_lettered", "expired", "redelive
 
 def check_bind(config: Config) -> None:
     """Refuse a non-loopback bind without a token (anyone on the network could submit)."""
-    if config.auth_token or config.auth_tokens_file or _is_loopback(config.host):
+    if config.auth_token or config.auth_token_file or config.auth_tokens_file:
+        return
+    if _is_loopback(config.host):
         return
     raise ConfigError(
-        f"ENGINE_HOST={config.host!r} is not a loopback address: set ENGINE_AUTH_TOKEN "
+        f"ENGINE_HOST={config.host!r} is not a loopback address: set ENGINE_AUTH_TOKEN_FILE "
         "(or ENGINE_AUTH_TOKENS_FILE) so clients must authenticate, or bind to 127.0.0.1"
     )
 
@@ -72,7 +74,7 @@ class Service:
         self.limits = UserLimits(config.rate_limit, config.rate_burst)
         self.engine = Engine(handler if handler is not None else (config.handler or None), config)
         self.ingress: Ingress | None = None
-        self.runner: Any = None
+        self.runner: HttpRunner | None = None
         self.counts: dict[str, int] = dict.fromkeys(HTTP_COUNTERS, 0)
         self.addresses: dict[str, str] = {}
         self.stop_requested = asyncio.Event()
@@ -89,6 +91,8 @@ class Service:
         if self.ingress is not None:
             counts.update(self.ingress.counts)
             counts["connections_active"] = self.ingress.active
+        if self.runner is not None:
+            counts["http_connections_active"] = self.runner.active
         counts["reloads_total"] = self.reloads
         return counts
 
@@ -97,14 +101,30 @@ class Service:
         stats["service"] = self.service_counts() | {"addresses": self.addresses}
         return stats
 
-    def health_problems(self) -> list[str]:
-        """Why the service is unhealthy; empty when it is fine."""
+    def liveness_problems(self) -> list[str]:
+        """Why the engine is broken (``/livez`` 503); empty while it is alive.
+
+        Only what a restart of the process would mend: the monitor down (the
+        dispatcher restarts it; a probe that keeps failing means it cannot) or the
+        engine closed without a stop being asked for.  Backpressure, a drain or a
+        failing handler are not here: a restart would make them worse.
+        """
+        stats = self.engine.stats()
+        problems = []
+        if not stats["monitor"]["alive"]:
+            why = self.engine.monitor_error
+            problems.append(f"monitor down: {why}" if why else "monitor down")
+        dispatcher = self.engine.dispatcher
+        if dispatcher is not None and dispatcher.closed and not self.stop_requested.is_set():
+            problems.append("the engine stopped")
+        return problems
+
+    def readiness_problems(self) -> list[str]:
+        """Why the service should get no new work now (``/readyz`` 503); empty if ready."""
         stats = self.engine.stats()
         problems = []
         if self.stop_requested.is_set():
             problems.append("shutting down")
-        if not stats["monitor"]["alive"]:
-            problems.append("monitor down")
         problems += [f"worker {w['worker']} down" for w in stats["workers"] if not w["alive"]]
         cluster = stats.get("cluster")
         if cluster is not None and not cluster["leases"]["connected"]:
@@ -120,8 +140,8 @@ class Service:
     def degradation(self) -> list[str]:
         """Why the service is degraded though up (a handler failing most attempts); [] if not.
 
-        Apart from `health_problems` so a liveness probe can ignore it while a
-        readiness probe (and ``/healthz``) report it.
+        Apart from the other problems so the liveness probe can ignore it while
+        the readiness probe reports it.
         """
         self.failures.observe(self.engine.report)
         problem = self.failures.problem()
@@ -144,6 +164,7 @@ class Service:
                 max_frame_bytes=cfg.max_frame_bytes,
                 max_connections=cfg.max_connections,
                 answer_linger_s=cfg.shutdown_timeout_s,
+                hello_timeout_s=cfg.hello_timeout_s,
             )
             try:
                 await self.ingress.start(cfg.host, cfg.port, cfg.socket)
@@ -151,8 +172,10 @@ class Service:
                 where = f"{cfg.host}:{cfg.port}" + (f" / {cfg.socket}" if cfg.socket else "")
                 raise EngineStartError(f"cannot listen on {where} (ENGINE_PORT): {exc}") from exc
             self.addresses.update(self.ingress.addresses)
-            self.runner = web.AppRunner(
+            self.runner = HttpRunner(
                 make_app(self),
+                max_connections=cfg.http_max_connections,
+                counts=self.counts,
                 access_log=None,
                 handle_signals=False,
                 shutdown_timeout=HTTP_SHUTDOWN_S,

@@ -22,7 +22,7 @@ def test_health_exits_0_when_up_and_1_with_one_line_when_not(tmp_path: Path) -> 
     with running_service(tmp_path, ENGINE_SINK="null") as svc:
         ok = engine("health", "--url", svc.http_url)
         assert ok.returncode == 0, ok.stderr
-        assert ok.stdout == f"ok: {svc.http_url}/healthz says ok\n"
+        assert ok.stdout == f"ok: {svc.http_url}/readyz says ok\n"
         url = svc.http_url
     down = engine("health", "--url", url, "--timeout", "2")
     assert down.returncode == 1

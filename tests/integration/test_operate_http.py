@@ -31,20 +31,23 @@ def get(svc: ServiceProc, path: str, token: str | None = None) -> tuple[int, Any
     return status, json.loads(body)
 
 
-def test_healthz_says_degraded_while_the_handler_fails_and_ok_again_after(
+def test_readyz_says_degraded_while_the_handler_fails_and_ok_again_after(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     from engine.cli import main
 
     with running_service(tmp_path, **FAILING) as svc:
-        assert get(svc, "/healthz") == (200, {"status": "ok"})
+        assert get(svc, "/readyz") == (200, {"status": "ok"})
         deadline = time.monotonic() + 30
-        status, body = get(svc, "/healthz")
+        status, body = get(svc, "/readyz")
         with Client(svc.url) as client:
             while body.get("status") != "degraded" and time.monotonic() < deadline:
                 client.submit_many([(f"bad-{i}", {"i": i}) for i in range(20)], settled=True)
-                status, body = get(svc, "/healthz")
+                status, body = get(svc, "/readyz")
         assert status == 503 and body["status"] == "degraded", body
+        # Alive all the while: a liveness probe must not restart a degraded service.
+        assert get(svc, "/livez") == (200, {"status": "ok"})
+        assert get(svc, "/healthz") == (200, {"status": "ok"})
         [why] = body["reasons"]
         assert why.startswith("handler failing: 100% of") and "ENGINE_DEGRADED_FAILURE_RATIO" in why
         # `engine health` says the same in one line, with exit code 1.
@@ -55,10 +58,10 @@ def test_healthz_says_degraded_while_the_handler_fails_and_ok_again_after(
         # Healthy deliveries for longer than the window: ok again.
         with Client(svc.url) as client:
             deadline = time.monotonic() + 30
-            while get(svc, "/healthz")[1]["status"] != "ok" and time.monotonic() < deadline:
+            while get(svc, "/readyz")[1]["status"] != "ok" and time.monotonic() < deadline:
                 client.submit_many([(f"good-{i}", {"i": i}) for i in range(50)], settled=True)
                 time.sleep(0.2)
-        assert get(svc, "/healthz") == (200, {"status": "ok"})
+        assert get(svc, "/readyz") == (200, {"status": "ok"})
         assert main(["health", "--url", svc.http_url]) == 0
         assert capsys.readouterr().out.startswith("ok: ")
 

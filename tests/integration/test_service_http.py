@@ -57,9 +57,10 @@ def stats(svc: ServiceProc) -> dict[str, Any]:
     return wait_for(svc, lambda s: True, token=TOKEN)
 
 
-def test_healthz_is_open_without_a_token_and_says_ok(svc: ServiceProc) -> None:
+@pytest.mark.parametrize("path", ["/livez", "/readyz", "/healthz"])
+def test_the_probes_are_open_without_a_token_and_say_ok(svc: ServiceProc, path: str) -> None:
     for token in (None, "wrong", TOKEN):
-        status, body = http(svc, "GET", "/healthz", token=token)
+        status, body = http(svc, "GET", path, token=token)
         assert (status, msgspec.json.decode(body)) == (200, {"status": "ok"})
 
 
@@ -220,9 +221,12 @@ def test_dead_letters_are_listed_and_replayed(svc: ServiceProc) -> None:
     assert [dl["payload"] for dl in letters if dl["recipient"] == "reject-dl"] == [{"x": 1}]
 
 
-def test_healthz_says_unhealthy_with_reasons_while_a_ring_is_filling(svc: ServiceProc) -> None:
+def test_readyz_says_not_ready_while_a_ring_is_filling_and_livez_stays_ok(
+    svc: ServiceProc,
+) -> None:
     """A slow first message holds its recipient's lane; the messages queued behind it
-    keep the ring's committed position back, past ENGINE_RING_WARN_RATIO (10%)."""
+    keep the ring's committed position back, past ENGINE_RING_WARN_RATIO (10%).
+    That is backpressure, not a broken engine: /livez (and /healthz) stay 200."""
     status, _ = call(svc, "POST", "/v1/messages", {
         "recipient": "sleep-fill", "payload": {"s": 3.0}, "priority": "low"
     })  # fmt: skip
@@ -234,17 +238,20 @@ def test_healthz_says_unhealthy_with_reasons_while_a_ring_is_filling(svc: Servic
     assert call(svc, "POST", "/v1/messages", filler)[0] == 202
     deadline = time.monotonic() + 30
     while True:
-        status, body = http(svc, "GET", "/healthz", token=None)
+        status, body = http(svc, "GET", "/readyz", token=None)
         if status != 200 or time.monotonic() > deadline:
             break
         time.sleep(0.05)
-    health = msgspec.json.decode(body)
-    assert status == 503, health
-    assert health["status"] == "unhealthy"
-    assert any(r.startswith("ring fill of lane low is") for r in health["reasons"]), health
-    assert "(warning at 10%)" in health["reasons"][0]
+    ready = msgspec.json.decode(body)
+    alive = [http(svc, "GET", path, token=None) for path in ("/livez", "/healthz")]
+    assert status == 503, ready
+    assert ready["status"] == "not ready"
+    assert any(r.startswith("ring fill of lane low is") for r in ready["reasons"]), ready
+    assert "(warning at 10%)" in ready["reasons"][0]
+    for status, body in alive:
+        assert (status, msgspec.json.decode(body)) == (200, {"status": "ok"})
     wait_for(svc, lambda s: s["in_flight"] == 0, token=TOKEN)
-    status, body = http(svc, "GET", "/healthz", token=None)
+    status, body = http(svc, "GET", "/readyz", token=None)
     assert (status, msgspec.json.decode(body)) == (200, {"status": "ok"})
     samples = scrape(svc, token=TOKEN)
     assert samples[("engine_ring_fill_ratio", (("lane", "low"),))] == 0.0

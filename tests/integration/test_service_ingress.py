@@ -146,10 +146,15 @@ def http(
     token: str | None = TOKEN,
     headers: dict[str, str] | None = None,
 ) -> tuple[int, bytes]:
-    """One HTTP request to the service: (status, body); errors are answers too."""
+    """One HTTP request to the service: (status, body); errors are answers too.
+
+    A POST says ``Content-Type: application/json`` unless ``headers`` name another.
+    """
     req = urllib.request.Request(svc.http_url + path, data=body, method=method)
     if token:
         req.add_header("Authorization", f"Bearer {token}")
+    if method == "POST":
+        req.add_header("Content-Type", "application/json")  # headers below may replace it
     for key, value in (headers or {}).items():
         req.add_header(key, value)
     try:

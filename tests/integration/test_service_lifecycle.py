@@ -221,11 +221,15 @@ def test_a_second_sigterm_stops_at_once_and_still_cleans_up(tmp_path: Path) -> N
         deadline = time.monotonic() + STOP_WAIT_S
         while not svc.logs("SIGTERM: draining, then stopping") and time.monotonic() < deadline:
             time.sleep(0.02)
-        # While it drains: no new messages by HTTP or TCP, and health says why.
+        # While it drains: no new messages by HTTP or TCP, and readiness says why;
+        # liveness stays ok (a probe must not kill a draining service).
         status, body = http(svc, "POST", "/v1/messages", b'{"recipient": "late"}', token=None)
         assert status == 503 and json.loads(body).get("error") == "closed", body
-        status, body = http(svc, "GET", "/healthz", token=None)
-        assert status == 503 and "shutting down" in json.loads(body)["reasons"]
+        status, body = http(svc, "GET", "/readyz", token=None)
+        assert status == 503 and "shutting down" in json.loads(body)["reasons"], body
+        for probe in ("/livez", "/healthz"):
+            status, body = http(svc, "GET", probe, token=None)
+            assert (status, json.loads(body)) == (200, {"status": "ok"}), (probe, body)
         with pytest.raises(ConnectionRefusedError):
             RawConn(svc.url)
         time.sleep(SAME_STOP_WINDOW_S)  # sooner, it would count as the first one repeated

@@ -116,6 +116,7 @@ def submitted(svc: ServiceProc) -> int:
 def raw_post(svc: ServiceProc, path: str, body: Any, token: str) -> tuple[int, dict[str, str], Any]:
     req = urllib.request.Request(svc.http_url + path, data=msgspec.json.encode(body), method="POST")
     req.add_header("Authorization", f"Bearer {token}")
+    req.add_header("Content-Type", "application/json")
     try:
         with urllib.request.urlopen(req, timeout=30) as resp:
             return resp.status, dict(resp.headers), msgspec.json.decode(resp.read())

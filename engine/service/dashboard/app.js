@@ -23,6 +23,8 @@ class AuthNeeded extends Error {}
 async function api(path, options = {}) {
   const headers = Object.assign({}, options.headers || {});
   if (state.token) headers.Authorization = "Bearer " + state.token;
+  // The service takes POSTs only as JSON (a cross-site form post is refused).
+  if (options.method === "POST") headers["Content-Type"] = "application/json";
   const resp = await fetch(path, Object.assign({}, options, { headers }));
   if (resp.status === 401) throw new AuthNeeded();
   if (!resp.ok) {
