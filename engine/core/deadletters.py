@@ -26,6 +26,39 @@ class DeadLetterView(msgspec.Struct, frozen=True):
     priority: str
     payload: Any
     traceback: str = ""
+    payload_dropped: bool = False
+    """The worker dropped the payload (the letter was too large for its return ring):
+    ``payload`` is null and the letter cannot be replayed."""
+    replay_error: str = ""
+    """Why the last replay kept this letter; empty if none did."""
+
+
+class ReplayReport(msgspec.Struct, frozen=True):
+    """What a replay did: letters resubmitted, letters kept in the store, and why.
+
+    ``kept_reasons`` counts the kept letters per reason: ``malformed`` (no recipient to
+    send to), ``payload_dropped`` (the payload was dropped for size), ``rebuild_failed``
+    (the message could not be built again; the letter's ``replay_error`` says why).
+    """
+
+    replayed: int = 0
+    kept: int = 0
+    kept_reasons: dict[str, int] = msgspec.field(default_factory=dict)
+
+
+def unreplayable(dl: DeadLetter) -> str:
+    """The ``kept_reasons`` key of a letter that cannot be replayed as it is, else ""."""
+    if not dl.message.recipient:
+        return "malformed"
+    if dl.payload_dropped:
+        return "payload_dropped"
+    return ""
+
+
+REPLAY_ERRORS = {
+    "malformed": "no recipient: the message could not be decoded",
+    "payload_dropped": "the payload was dropped for size: nothing to resend",
+}
 
 
 class DeadLetterStore:
@@ -75,14 +108,26 @@ class DeadLetterStore:
     def get(self, message_id: int) -> DeadLetter | None:
         return self._items.get(message_id)
 
-    def take(self, ids: Iterable[int]) -> list[DeadLetter]:
-        """Remove and return the letters of these message ids (unknown ids are skipped)."""
-        return [dl for mid in dict.fromkeys(ids) if (dl := self._items.pop(mid, None)) is not None]
+    def entries(self, ids: Iterable[int] | None = None) -> list[tuple[int, DeadLetter]]:
+        """(store key, letter) of every letter, or of message ``ids`` (unknown ids skipped).
 
-    def take_all(self) -> list[DeadLetter]:
-        items = list(self._items.values())
-        self._items.clear()
-        return items
+        The key is the message id, or a negative number for a letter without one.
+        """
+        if ids is None:
+            return list(self._items.items())
+        items = self._items
+        return [(mid, items[mid]) for mid in dict.fromkeys(ids) if mid in items]
+
+    def pop(self, key: int) -> DeadLetter | None:
+        """Remove the letter stored under ``key`` (see `entries`); None if it is gone."""
+        return self._items.pop(key, None)
+
+    def replayed(self, dl: DeadLetter) -> None:
+        """``dl`` was resubmitted (and `pop`-ped): the mirror must not restore it."""
+
+    def put_back(self, key: int, dl: DeadLetter) -> None:
+        """Store again a letter `pop` took (a replay that could not queue it)."""
+        self._items[key] = dl
 
     def __len__(self) -> int:
         return len(self._items)
@@ -121,4 +166,6 @@ def view(dl: DeadLetter) -> DeadLetterView:
         priority=msg.priority.name.lower(),
         payload=payload,
         traceback=dl.traceback,
+        payload_dropped=dl.payload_dropped,
+        replay_error=dl.replay_error,
     )

@@ -22,3 +22,10 @@ def oversize(msg: Message) -> None:
         raise ValueError("x" * HUGE)
     if body.get("unprintable"):
         raise Unprintable()
+
+
+def reject(msg: Message) -> None:
+    """Rejects every message: each becomes a dead letter at once."""
+    from engine import Reject
+
+    raise Reject("no")
