@@ -62,6 +62,7 @@ def build_stats(
         if batches
         else 0.0,
         "dead_letters_stored": len(d.dead),
+        "dead_letters_dropped": d.dead.dropped,  # evicted from the full store (ENGINE_DLQ_MAX)
         "latency_start_s": latency(report.latency_start if report else Histogram()),
         "latency_settle_s": latency(report.latency_settle if report else Histogram()),
         "workers": [

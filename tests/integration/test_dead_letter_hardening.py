@@ -4,14 +4,19 @@ headers skipped, per-letter replay, dead-letter evictions counted and the mirror
 from __future__ import annotations
 
 import asyncio
+import logging
+from pathlib import Path
 from typing import Any
 
 import msgspec
+import pytest
 
 from engine import Config, Engine
 from engine.core.deadletters import ReplayReport
 from ipc.codec import Message
 from ipc.records import DeadLetter
+from tests.integration.service_proc import ServiceProc, running_service
+from tests.integration.test_service_ingress import http, metric, scrape
 
 H = "tests.integration.handlers_data"
 
@@ -78,3 +83,85 @@ def test_replay_is_per_letter_and_keeps_what_cannot_be_replayed_with_the_reason(
     again = [dl for dl in after if dl not in kept]  # the good ones, rejected again
     assert sorted(dl.message.body()["i"] for dl in again) == [0, 1, 2]
     assert not {dl.message.id for dl in again} & set(good)
+
+
+def test_evictions_from_the_full_store_are_counted_and_logged_once_per_interval(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    cfg = _config(dlq_max=2)
+
+    async def go() -> tuple[list[DeadLetter], dict[str, Any]]:
+        async with Engine(f"{H}:reject", cfg) as eng:
+            await eng.submit_many(("a", i) for i in range(5))
+            assert await eng.drain(60)
+            return eng.dead_letters(), eng.stats()
+
+    with caplog.at_level(logging.WARNING, logger="engine.deadletters"):
+        letters, s = asyncio.run(go())
+    assert [dl.message.body() for dl in letters] == [3, 4]
+    assert s["dead_lettered"] == 5 and s["dead_letters_stored"] == 2
+    assert s["dead_letters_dropped"] == 3
+    lines = [r.getMessage() for r in caplog.records if "evicted" in r.getMessage()]
+    assert lines == [
+        "dead-letter store full (ENGINE_DLQ_MAX=2): evicted the oldest letter "
+        "(message 1, rejected); 1 evicted in all"
+    ]  # one line per 10 s interval, not one per eviction
+
+
+def _post(svc: ServiceProc, path: str, body: Any = None) -> tuple[int, Any]:
+    data = msgspec.json.encode(body) if body is not None else b""
+    status, out = http(
+        svc, "POST", path, data, token=None, headers={"Content-Type": "application/json"}
+    )
+    return status, msgspec.json.decode(out)
+
+
+def _letters(svc: ServiceProc) -> dict[int, dict[str, Any]]:
+    return {dl["id"]: dl for dl in svc.get_json("/v1/dead-letters")}
+
+
+def test_a_restarted_service_keeps_its_mirrored_letters_and_replay_keeps_the_bad_ones(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "dlq.jsonl"
+    env = {"ENGINE_HANDLER": f"{H}:reject", "ENGINE_WORKERS": "1", "ENGINE_DLQ_PATH": str(path)}
+    with running_service(tmp_path, **env, ENGINE_DLQ_MAX="3") as svc:
+        for i in range(4):
+            assert _post(svc, "/v1/messages", {"recipient": "a", "payload": {"i": i}})[0] == 202
+        s = svc.wait_stats(lambda s: s["dead_lettered"] == 4 and s["in_flight"] == 0)
+        assert s["dead_letters_dropped"] == 1 and s["dead_letters_stored"] == 3
+        assert metric(scrape(svc, token=None), "engine_dead_letters_dropped_total") == 1
+        first = set(_letters(svc))
+        svc.stop()
+        assert svc.returncode == 0
+        assert any("evicted" in str(line.get("msg")) for line in svc.lines)
+    assert len(path.read_bytes().splitlines()) == 4  # every letter was mirrored (and fsynced)
+    with path.open("ab") as f:  # two letters that cannot be replayed
+        f.write(b'{"id":0,"recipient":"","reason":"malformed","attempts":1,"error":"bad",')
+        f.write(b'"kind":"direct","priority":"normal","payload":null}\n')
+        f.write(b'{"id":777,"recipient":"a","reason":"rejected","attempts":1,"error":"no",')
+        f.write(b'"kind":"direct","priority":"normal","payload":null,"payload_dropped":true}\n')
+
+    with running_service(tmp_path, **env) as svc:
+        letters = _letters(svc)
+        assert set(letters) == first | {0, 777, min(first) - 1}  # all 4 mirrored, and 2 more
+        assert letters[777]["payload_dropped"] is True
+        status, report = _post(svc, "/v1/dead-letters/replay")
+        assert status == 200
+        assert report == {
+            "replayed": 4,
+            "kept": 2,
+            "kept_reasons": {"malformed": 1, "payload_dropped": 1},
+        }
+        letters = _letters(svc)
+        assert set(letters) == {0, 777}
+        assert "dropped for size" in letters[777]["replay_error"]
+        # Rejected again, as new messages numbered above every restored id.
+        svc.wait_stats(lambda s: s["dead_lettered"] == 4 and s["in_flight"] == 0)
+        again = set(_letters(svc)) - {0, 777}
+        assert len(again) == 4 and min(again) > 777
+        svc.stop()
+        assert svc.returncode == 0
+
+    with running_service(tmp_path, **env) as svc:  # the replayed letters do not come back
+        assert set(_letters(svc)) == again | {0, 777}
