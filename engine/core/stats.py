@@ -54,6 +54,7 @@ def build_stats(
         "abandoned": abandoned,  # in flight when the engine stopped: lost (Engine.stop)
         "failed_attempts": worker_counts.get("failed_attempts", 0),
         "retried": worker_counts.get("retried", 0),
+        "frames_skipped": worker_counts.get("frames_skipped", 0),  # corrupt headers passed
         "redelivered": c["redelivered"],
         "queue_depth": depth,
         "ring_fill": ring_fill,

@@ -48,6 +48,7 @@ class WorkerSlot:
     last_committed: tuple[int, ...] = ()
     last_fetched: tuple[int, ...] = ()
     quarantine: set[tuple[int, int, int]] = field(default_factory=set)
+    corrupt: set[tuple[int, int]] = field(default_factory=set)  # (lane, position): skip it
     boot_failures: int = 0
     respawn_at: float = 0.0
     plan: WorkerPlan = field(default_factory=WorkerPlan)
@@ -109,7 +110,7 @@ class WorkerSlot:
             # A requested exit (reload, recycle): not a crash, history starts over.
             self.lane_crashes = [0] * LANES
             self.last_committed = self.last_fetched = ()
-            self.plan = WorkerPlan(quarantine=set(self.quarantine))
+            self.plan = WorkerPlan(quarantine=set(self.quarantine), corrupt=set(self.corrupt))
         else:
             self.count_crash(poison_max_crashes)
         crashes = max(self.lane_crashes)
@@ -134,6 +135,14 @@ class WorkerSlot:
         self.last_committed = committed
         self.last_fetched = fetched
         idx = shard.slot_idx
+        active = int(idx[SLOT_LANE]) if idx[SLOT_ACTIVE] else -1
+        for lane, ring in enumerate(shard.lanes):
+            if lane != active and self.lane_crashes[lane] >= limit:
+                # No delivery was running in this lane: a header the reader died on?
+                bad = ring.find_corrupt(committed[lane])
+                if bad is not None:
+                    self.corrupt.add((lane, bad))
+                    self.lane_crashes[lane] = 0
         crashes = max(self.lane_crashes)
         if idx[SLOT_ACTIVE]:
             lane = int(idx[SLOT_LANE])
@@ -142,7 +151,10 @@ class WorkerSlot:
                 self.lane_crashes[lane] = 0
             idx[SLOT_ACTIVE] = 0
         self.plan = WorkerPlan(
-            careful=crashes >= max(1, limit - 1), quarantine=set(self.quarantine), crashes=crashes
+            careful=crashes >= max(1, limit - 1),
+            quarantine=set(self.quarantine),
+            crashes=crashes,
+            corrupt=set(self.corrupt),
         )
 
     def retire_stats(self) -> None:

@@ -41,6 +41,7 @@ WORKER_COUNTERS = (
     "batches",
     "fetched",
     "replies",
+    "frames_skipped",
 )
 """What a worker counts and reports in its StatsSnapshot; the monitor sums these."""
 
@@ -52,6 +53,7 @@ class WorkerPlan:
     careful: bool = False  # deliver the redelivery window one by one, recording each
     quarantine: set[tuple[int, int, int]] = field(default_factory=set)  # (lane, end, index)
     crashes: int = 0
+    corrupt: set[tuple[int, int]] = field(default_factory=set)  # (lane, position) to skip
 
 
 def window_for(config: Config) -> int:

@@ -5,16 +5,20 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
 import msgspec
 import pytest
 
-from engine import Config, Engine
+from engine import Config, Engine, Priority
 from engine.core.deadletters import ReplayReport
 from ipc.codec import Message
 from ipc.records import DeadLetter
+from ipc.ring import HEADER_BYTES
+from ipc.shard import SLOT_PID
 from tests.integration.service_proc import ServiceProc, running_service
 from tests.integration.test_service_ingress import http, metric, scrape
 
@@ -165,3 +169,45 @@ def test_a_restarted_service_keeps_its_mirrored_letters_and_replay_keeps_the_bad
 
     with running_service(tmp_path, **env) as svc:  # the replayed letters do not come back
         assert set(_letters(svc)) == again | {0, 777}
+
+
+def test_a_corrupt_frame_header_is_skipped_after_the_poison_limit() -> None:
+    """The length of a queued frame is overwritten in the live ring (real shared memory):
+    the worker dies on it up to ENGINE_POISON_MAX_CRASHES times, then the frame is
+    skipped, its message dead-lettered as malformed, and the frames after it delivered."""
+    cfg = _config(poison_max_crashes=2)
+
+    async def go() -> tuple[int, int, list[DeadLetter], dict[str, Any]]:
+        async with Engine(f"{H}:oversize", cfg) as eng:
+            await eng.submit("a", {"i": -1})
+            assert await eng.drain(60)  # the worker is up and idle
+            assert eng.dispatcher is not None
+            shard = eng.dispatcher.shards[0]
+            ring = shard.lanes[Priority.NORMAL]
+            pid = int(shard.slot_idx[SLOT_PID])
+            os.kill(pid, signal.SIGSTOP)  # it must not fetch the frame before it is spoiled
+            try:
+                pos = ring.write_pos
+                first = await eng.submit("a", {"i": 0})
+                while ring.write_pos == pos:
+                    await asyncio.sleep(0.01)
+                assert ring.read_pos == pos
+                ring.idx[(HEADER_BYTES + (pos & ring.mask)) >> 3] = 0xDEAD_BEEF_0000
+                for i in range(1, 5):
+                    await eng.submit("a", {"i": i})
+            finally:
+                os.kill(pid, signal.SIGCONT)
+            assert await eng.drain(60)
+            await asyncio.sleep(0.3)  # a stats interval: the workers' counters arrive
+            return first, pos, eng.dead_letters(), eng.stats()
+
+    first, pos, letters, s = asyncio.run(go())
+    assert s["delivered"] == 5 and s["dead_lettered"] == 1 and s["in_flight"] == 0
+    assert s["workers"][0]["restarts"] == 2 and s["frames_skipped"] == 1
+    [letter] = letters
+    assert letter.reason == "malformed" and letter.message.id == first
+    assert letter.message.body() == {"i": 0}  # only the length was hit: the message is whole
+    assert letter.error.startswith(
+        f"corrupt frame header 0xdeadbeef0000 at position {pos} of lane 2: skipped "
+    )
+    assert letter.error.endswith("(its 1 messages decoded)")
