@@ -9,7 +9,9 @@ has died; a slot decides what that death means and when to respawn.
 Crashes that keep a lane's ``committed`` in place are counted; from
 ``poison_max_crashes - 1`` on, the respawned worker delivers its redelivery
 window one message at a time, recording each in its slot, so the crash that
-reaches the limit names the message to quarantine as a ``worker_crash``.
+reaches the limit names the message to quarantine as a ``worker_crash`` --
+unless the lane holds a corrupt frame header (``Ring.find_corrupt``), which the
+next worker then skips (``WorkerPlan.corrupt``).
 """
 
 from __future__ import annotations
@@ -135,10 +137,11 @@ class WorkerSlot:
         self.last_committed = committed
         self.last_fetched = fetched
         idx = shard.slot_idx
-        active = int(idx[SLOT_LANE]) if idx[SLOT_ACTIVE] else -1
         for lane, ring in enumerate(shard.lanes):
-            if lane != active and self.lane_crashes[lane] >= limit:
-                # No delivery was running in this lane: a header the reader died on?
+            if self.lane_crashes[lane] >= limit:
+                # A corrupt frame header kills every reader that reaches it: it is the
+                # culprit, even if a delivery was running in the lane when the reader died
+                # (that message is not quarantined for this crash).
                 bad = ring.find_corrupt(committed[lane])
                 if bad is not None:
                     self.corrupt.add((lane, bad))
