@@ -6,6 +6,7 @@ loop, and read back at start (``ENGINE_DLQ_RESTORE``), so a restart keeps its le
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -231,15 +232,18 @@ class DeadLetterStore:
 
     def _restore(self, path: str) -> None:
         """Load the mirror's letters (see the class); a line that does not parse is skipped
-        and named in a WARNING, as a line torn by a crash would be."""
+        and named in a WARNING, as a line torn by a crash would be.  Then the file is
+        compacted to the letters loaded (written aside, fsynced, renamed over it), unless a
+        line did not parse: that one is left for a person to read."""
         try:
             with open(path, "rb") as f:
                 lines = f.readlines()
         except FileNotFoundError:
             return
-        letters: OrderedDict[int, DeadLetter] = OrderedDict()
+        letters: OrderedDict[int, tuple[DeadLetter, bytes]] = OrderedDict()
         bad: list[int] = []
         anonymous = 0
+        top = 0
         for number, raw in enumerate(lines, 1):
             if not raw.strip():
                 continue
@@ -253,11 +257,12 @@ class DeadLetterStore:
                 bad.append(number)
                 continue
             mid = dl.message.id
+            top = max(top, mid)
             if mid == 0:
                 anonymous -= 1
                 mid = anonymous
             letters.pop(mid, None)  # one per message id: the latest line wins
-            letters[mid] = dl
+            letters[mid] = (dl, raw.rstrip(b"\n") + b"\n")
         if bad:
             shown = ", ".join(map(str, bad[:10])) + (", ..." if len(bad) > 10 else "")
             log.warning(
@@ -268,10 +273,10 @@ class DeadLetterStore:
                 extra={"path": path, "bad_lines": len(bad)},
             )
         kept = list(letters.values())[-self.limit :] if self.limit else []
-        for dl in kept:
+        for dl, _ in kept:
             self._keep(dl)
         self.restored = len(kept)
-        self.max_id = max((mid for mid in letters if mid > 0), default=0)
+        self.max_id = top
         if letters:
             log.info(
                 "restored %d dead letters from %s%s",
@@ -280,6 +285,8 @@ class DeadLetterStore:
                 f" (the newest {self.limit:,}, ENGINE_DLQ_MAX)" if len(letters) > len(kept) else "",
                 extra={"path": path, "restored": self.restored},
             )
+        if not bad and len(kept) < sum(1 for raw in lines if raw.strip()):
+            _compact(path, [raw for _, raw in kept])
 
     def items(self) -> list[DeadLetter]:
         return list(self._items.values())
@@ -330,6 +337,26 @@ class DeadLetterStore:
                 len(self._items),
                 extra={"dead_letters": len(self._items)},
             )
+
+
+def _compact(path: str, lines: list[bytes]) -> None:
+    """Replace the file at ``path`` by ``lines``, durably; on failure it stays as it was."""
+    tmp = f"{path}.compact"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(b"".join(lines))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        log.exception("cannot compact the dead-letter file %s; it is kept as it was", path)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
 
 
 def _mirror_line(dl: DeadLetter) -> MirrorLine:

@@ -169,6 +169,8 @@ def test_a_restarted_service_keeps_its_mirrored_letters_and_replay_keeps_the_bad
 
     with running_service(tmp_path, **env) as svc:  # the replayed letters do not come back
         assert set(_letters(svc)) == again | {0, 777}
+        # ... and the file was compacted to the letters restored (no replayed ones).
+        assert len(path.read_bytes().splitlines()) == 6
 
 
 def test_a_corrupt_frame_header_is_skipped_after_the_poison_limit() -> None:
