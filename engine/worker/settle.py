@@ -126,7 +126,9 @@ class Settling(Lanes, Committing):
 
     def dead_letter(self, p: Pending, reason: str, error: str, tb: str = "") -> None:
         msg = p.msg
-        error = clip(error, MAX_ERROR_CHARS)  # a Reject reason is the handler's text too
+        if not isinstance(error, str):  # Reject(reason) is the handler's value: any type
+            error = repr(error)
+        error = clip(error, MAX_ERROR_CHARS)  # and any length
         now = time.monotonic_ns()
         track = p.frame
         self.out.append(
