@@ -159,6 +159,14 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     inbox_dir: Annotated[str, Meta(description="Directory of the inbox sink.")] = ""
     dlq_max: Annotated[int, Meta(ge=0, le=10**7, description="Dead letters kept.")] = 10000
     dlq_path: Annotated[str, Meta(description="Dead-letter JSON-lines file; empty = off.")] = ""
+    dlq_restore: Annotated[
+        int,
+        Meta(
+            ge=0,
+            le=1,
+            description="1: load ENGINE_DLQ_PATH's letters at start (not replayed ones); 0: not.",
+        ),
+    ] = 1
     max_worker_rss_bytes: Annotated[
         int, Meta(ge=0, description="Recycle a worker above this RSS; 0 = off.")
     ] = 0

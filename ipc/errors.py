@@ -26,6 +26,18 @@ class RingError(EngineError):
     """Raised when a ring is misused or its shared state is not a valid ring."""
 
 
+class CorruptFrameError(RingError):
+    """Raised by a ring's reader at a frame header that cannot be valid (see `ipc.ring`).
+
+    ``position`` is the ring position of the header, ``header`` the value read there.
+    """
+
+    def __init__(self, message: str, position: int, header: int) -> None:
+        super().__init__(message)
+        self.position = position
+        self.header = header
+
+
 class FrameTooLargeError(RingError, ValueError):
     """Raised when a frame can never fit in the ring, however long one waits."""
 

@@ -45,6 +45,10 @@ class DeadLetter(msgspec.Struct, array_like=True, tag=2):
     (and one may then succeed).  ``traceback`` is the last failure's formatted
     traceback, bounded by the worker (empty when there was no exception; a
     record from before the field existed decodes with it empty).
+    ``payload_dropped`` is True when the worker sent the letter without its
+    payload because the record did not fit the return ring: such a letter cannot
+    be replayed.  ``replay_error`` is set by the dispatcher's store, never sent:
+    why the last replay kept the letter.
     """
 
     message: Message
@@ -55,6 +59,8 @@ class DeadLetter(msgspec.Struct, array_like=True, tag=2):
     lane: int = -1
     frame_end: int = 0
     traceback: str = ""
+    payload_dropped: bool = False
+    replay_error: str = ""
 
 
 class Redelivered(msgspec.Struct, array_like=True, tag=3, gc=False):
@@ -86,6 +92,31 @@ class AttemptFailed(msgspec.Struct, array_like=True, tag=5, gc=False):
     error: str
     traceback: str = ""
     suppressed: int = 0
+
+
+MAX_ERROR_CHARS = 4096
+"""The longest error text a record carries (a dead letter's, a failed attempt's, a reply's)."""
+MAX_TAGS = 64
+MAX_TAG_CHARS = 256
+MAX_METADATA = 64
+MAX_METADATA_CHARS = 1024
+"""Tags and metadata a shrunk dead letter keeps (count, and characters of each)."""
+MAX_NAME_CHARS = 1024
+"""A shrunk dead letter's recipient, sender, reply_to, dedup_key and user, when even
+those alone do not fit the return ring."""
+
+
+def clip(text: str, limit: int, total: int | None = None) -> str:
+    """``text`` cut to at most ``limit`` characters, saying so at the end.
+
+    ``total`` is the length of the whole text when ``text`` is already a prefix of it
+    (a caller that avoided copying 10 MB of it).
+    """
+    total = len(text) if total is None else total
+    if total <= limit and len(text) <= limit:
+        return text
+    marker = f"\u2026 [truncated, {total:,} chars]"
+    return text[: max(0, limit - len(marker))] + marker
 
 
 ReturnRecord = FrameDone | Reply | DeadLetter | Redelivered | WorkerStarted | AttemptFailed

@@ -39,7 +39,13 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from ipc.errors import FrameTooLargeError, QueueFull, RingError, UnsupportedPlatformError
+from ipc.errors import (
+    CorruptFrameError,
+    FrameTooLargeError,
+    QueueFull,
+    RingError,
+    UnsupportedPlatformError,
+)
 from ipc.shm import Segment
 from ipc.wake import EventFd
 
@@ -154,6 +160,27 @@ class Ring:
     def beat(self) -> None:
         """Bump the heartbeat counter (consumer side only)."""
         self.idx[_HEARTBEAT] = self.idx[_HEARTBEAT] + 1
+
+    def find_corrupt(self, start: int) -> int | None:
+        """The position of the first invalid frame header from ``start`` (a frame boundary,
+        such as ``committed``) up to the published ``write``; None if every one is valid.
+
+        Invalid: a length that runs past the end of the data region or past ``write``
+        (the consumer's `RingConsumer.drain` raises `CorruptFrameError` there).
+        """
+        idx, cap, mask = self.idx, self.capacity, self.mask
+        w = int(idx[_WRITE])
+        r = start
+        while r < w:
+            off = r & mask
+            n = idx[(HEADER_BYTES + off) >> 3]
+            if n == PAD and off:
+                r += cap - off
+                continue
+            if n > cap - off - FRAME_HEADER or r + frame_size(n) > w:
+                return r
+            r += frame_size(n)
+        return None
 
     def used_bytes(self) -> int:
         """Bytes not yet reclaimed: published minus committed."""
@@ -367,9 +394,14 @@ class RingConsumer:
                 if not out and idx[_COMMITTED] == r - (cap - off):
                     self._commit_to(r)  # nothing unsettled before the pad: reclaim it now
                 continue
-            if n > cap - off - FRAME_HEADER:
-                raise RingError(
-                    f"corrupt frame header {n} at position {r} in ring {ring.segment.name!r}"
+            if n > cap - off - FRAME_HEADER or r + FRAME_HEADER + ((n + 7) & ~7) > w:
+                if r != self._read:
+                    break  # hand out the good frames before it; the next drain raises
+                raise CorruptFrameError(
+                    f"corrupt frame header {n:#x} at position {r} in ring {ring.segment.name!r} "
+                    f"(published up to {w})",
+                    r,
+                    int(n),
                 )
             if out and n > budget:
                 break
@@ -381,6 +413,72 @@ class RingConsumer:
             self._read = r
             idx[_READ] = r
         return out, ends
+
+    def skip_corrupt(
+        self, position: int, starts: frozenset[int] = frozenset()
+    ) -> tuple[int, bytes]:
+        """Move the read position past the corrupt frame header at ``position``.
+
+        ``position`` is where `drain` raised `CorruptFrameError` (the read position).
+        The frame's end is the first 8-aligned position after the header from which
+        valid headers lead exactly to the published ``write`` (and each of those
+        frames' payload starts with a byte of ``starts``, when given): the frames
+        after a broken length are kept.  If none qualifies, everything published up
+        to ``write`` is skipped.  Returns that end (commit it once the skipped frame is
+        settled) and the bytes between the header and it within the data region: the
+        corrupt frame's payload and padding, as far as they can be known.
+        """
+        if position != self._read:
+            raise RingError(f"skip_corrupt at {position}, but the reader is at {self._read}")
+        ring = self.ring
+        idx, cap, mask = ring.idx, ring.capacity, ring.mask
+        w = int(idx[_WRITE])
+        known: dict[int, bool] = {}
+        end = w
+        p = position + FRAME_HEADER
+        while p < w:
+            if self._leads_to(p, w, starts, known):
+                end = p
+                break
+            p += FRAME_HEADER
+        off = position & mask
+        start = HEADER_BYTES + off + FRAME_HEADER
+        stop = HEADER_BYTES + min(cap, off + (end - position))
+        data = bytes(ring.buf[start:stop]) if stop > start else b""
+        self._read = end
+        idx[_READ] = end
+        return end, data
+
+    def _leads_to(self, p: int, w: int, starts: frozenset[int], known: dict[int, bool]) -> bool:
+        """True if valid frame headers lead from ``p`` exactly to ``w`` (memoised in ``known``)."""
+        ring = self.ring
+        buf, idx, cap, mask = ring.buf, ring.idx, ring.capacity, ring.mask
+        seen: list[int] = []
+        q = p
+        ok = False
+        while q <= w:
+            if q == w:
+                ok = True
+                break
+            if q in known:
+                ok = known[q]
+                break
+            seen.append(q)
+            off = q & mask
+            n = idx[(HEADER_BYTES + off) >> 3]
+            if n == PAD:
+                if not off:
+                    break
+                q += cap - off
+                continue
+            if not n or n > cap - off - FRAME_HEADER:
+                break
+            if starts and buf[HEADER_BYTES + off + FRAME_HEADER] not in starts:
+                break
+            q += FRAME_HEADER + ((n + 7) & ~7)
+        for v in seen:
+            known[v] = ok
+        return ok
 
     def commit(self, position: int | None = None) -> None:
         """Mark every frame below ``position`` (default: all fetched) as settled."""

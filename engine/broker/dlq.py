@@ -36,6 +36,7 @@ def letter_fields(dl: DeadLetter, partition: int, node: str) -> list[bytes | str
         "node", node,
         "at_ms", time.time_ns() // 1_000_000,
         "message", encode(msg),
+        "payload_dropped", int(dl.payload_dropped),
     ]  # fmt: skip
 
 
@@ -53,6 +54,7 @@ def entry_letter(fields: dict[bytes, bytes]) -> DeadLetter:
         reason=fields.get(b"reason", b"").decode("utf-8", "replace"),
         attempts=int(fields.get(b"attempts", b"0") or 0),
         error=fields.get(b"error", b"").decode("utf-8", "replace"),
+        payload_dropped=fields.get(b"payload_dropped", b"0") == b"1",
     )
 
 

@@ -52,7 +52,7 @@ from engine.broker.producer import Producer
 from engine.broker.replies import Replies
 from engine.broker.stats import ClusterStats
 from engine.config import ConfigError
-from engine.core.deadletters import DeadLetterView
+from engine.core.deadletters import DeadLetterView, ReplayReport, unreplayable
 from engine.errors import EngineClosed, EngineError, RequestTimeout
 from ipc.fence import FenceTable
 from ipc.records import DeadLetter
@@ -379,15 +379,26 @@ class ClusterNode:
     async def dead_letters(self) -> list[DeadLetterView]:
         return await list_views(self.client, self.keys.dlq, max(1, self.config.dlq_max))
 
-    async def replay_dead_letters(self) -> int:
-        """Submit every letter of the DLQ stream again (attempts reset), then delete it."""
+    async def replay_dead_letters(self) -> ReplayReport:
+        """Submit every letter of the DLQ stream again (attempts reset), then delete it.
+
+        A letter that cannot be replayed (see `unreplayable`, or a build error) stays in
+        the stream; the report counts it under its reason.
+        """
         d = self.dispatcher()
         letters = await read_letters(self.client, self.keys.dlq, max(1, self.config.dlq_max))
         done = 0
+        kept: dict[str, int] = {}
         for eid, dl in letters:
-            if not dl.message.recipient:
-                continue  # undecodable: nothing to resubmit; it stays listed
-            out = d.build(dl.message.recipient, dl.message.payload, **replay_options(dl))
+            why = unreplayable(dl)
+            if not why:
+                try:
+                    out = d.build(dl.message.recipient, dl.message.payload, **replay_options(dl))
+                except (EngineError, ValueError, TypeError):
+                    why = "rebuild_failed"
+            if why:
+                kept[why] = kept.get(why, 0) + 1  # it stays listed in the stream
+                continue
             await self.producer.send([out], "", dedup=False)
             await retrying(
                 lambda e=eid: self.client.xdel(self.keys.dlq, e),  # type: ignore[misc]
@@ -395,7 +406,7 @@ class ClusterNode:
                 self.is_closed,
             )
             done += 1
-        return done
+        return ReplayReport(done, sum(kept.values()), kept)
 
     # -- stats -------------------------------------------------------------------------
     def announcement(self) -> dict[str, Any]:

@@ -438,7 +438,11 @@ def _cmd_dlq(args: argparse.Namespace) -> int:
     if args.action == "replay":
         query = "?" + "&".join(f"id={i}" for i in args.ids) if args.ids else ""
         out = _http("POST", f"{base}/v1/dead-letters/replay{query}", token)
-        print(f"replayed {out['replayed']:,} dead letters")
+        line = f"replayed {out['replayed']:,} dead letters"
+        if out.get("kept"):
+            why = ", ".join(f"{n:,} {reason}" for reason, n in out["kept_reasons"].items())
+            line += f"; kept {out['kept']:,} that cannot be replayed ({why})"
+        print(line)
         return ExitCode.OK
     if args.action == "show":
         if len(args.ids) != 1:

@@ -27,6 +27,7 @@ from engine.batches import (
 from engine.core.batch import BatchRun, Outcome, prepare
 from engine.core.cache import ResponseCache, cache_key, shared
 from engine.core.cluster import Cluster
+from engine.core.deadletters import REPLAY_ERRORS, ReplayReport, unreplayable
 from engine.core.stats import build_stats
 from engine.errors import EngineClosed, EngineError, RequestTimeout
 from ipc.codec import Kind, pack_payload
@@ -467,31 +468,53 @@ class EngineAPI:
             raise EngineClosed("the engine was never started")
         return self.dispatcher.dead.items()
 
-    async def replay_dead_letters(self, ids: Iterable[int] | None = None) -> int:
+    async def replay_dead_letters(self, ids: Iterable[int] | None = None) -> ReplayReport:
         """Resubmit the stored dead letters (only those of message ``ids`` when given) as
-        fresh messages, attempts reset; returns how many were resubmitted.
+        fresh messages, attempts reset, one letter at a time.
 
-        In cluster mode: every letter of the cluster's DLQ stream.
+        A letter that cannot be replayed (``malformed``: no recipient; its payload was
+        dropped for size; or the message cannot be built again) stays in the store with
+        the reason in its ``replay_error``; the report counts both kinds.  In cluster
+        mode: every letter of the cluster's DLQ stream.
         """
         d = self._dispatcher()
         if self.cluster is not None:
             if ids is not None:
                 raise EngineError("replaying chosen dead letters is not available in cluster mode")
             return await self.cluster.replay_dead_letters()
-        items = d.dead.take_all() if ids is None else d.dead.take(ids)
-        for dl in items:
-            m = dl.message
-            msg = d.build(
-                m.recipient,
-                m.payload,
-                priority=m.priority,
-                kind=m.kind,
-                sender=m.sender,
-                tags=m.tags,
-                metadata=m.metadata,
-                dedup_key=m.dedup_key,
-                reply_to=m.reply_to,
-                user=m.user,
-            )
-            await d.enqueue(msg)
-        return len(items)
+        replayed = 0
+        kept: dict[str, int] = {}
+        for key, dl in d.dead.entries(ids):
+            why = unreplayable(dl)
+            error = REPLAY_ERRORS.get(why, "")
+            if not why:
+                m = dl.message
+                try:
+                    msg = d.build(
+                        m.recipient,
+                        m.payload,
+                        priority=m.priority,
+                        kind=m.kind,
+                        sender=m.sender,
+                        tags=m.tags,
+                        metadata=m.metadata,
+                        dedup_key=m.dedup_key,
+                        reply_to=m.reply_to,
+                        user=m.user,
+                    )
+                except (EngineError, ValueError, TypeError) as exc:
+                    why, error = "rebuild_failed", f"{type(exc).__name__}: {exc}"
+            if why:
+                dl.replay_error = error
+                kept[why] = kept.get(why, 0) + 1
+                continue
+            if d.dead.pop(key) is None:
+                continue  # a concurrent replay took it meanwhile
+            try:
+                await d.enqueue(msg)
+            except BaseException:
+                d.dead.put_back(key, dl)  # not queued: the letter stays
+                raise
+            d.dead.replayed(dl)
+            replayed += 1
+        return ReplayReport(replayed, sum(kept.values()), kept)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 from engine.errors import EngineStartError
 
 if TYPE_CHECKING:
-    from engine.core.deadletters import DeadLetterView
+    from engine.core.deadletters import DeadLetterView, ReplayReport
 
 Mark = tuple[int, int, int]
 Outgoing = tuple[int, str, int, bytes]
@@ -51,7 +51,7 @@ class Cluster(Protocol):
 
     async def dead_letters(self) -> list[DeadLetterView]: ...
 
-    async def replay_dead_letters(self) -> int: ...
+    async def replay_dead_letters(self) -> ReplayReport: ...
 
 
 _factory: Callable[[Any], Cluster] | None = None

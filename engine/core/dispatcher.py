@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 
@@ -74,6 +75,9 @@ class Dispatcher:
         self.closed = False
         self.loop = asyncio.get_running_loop()
         self.returns = Returns(config, shards, wakeups, self.counts, events)
+        if self.returns.dead.max_id:
+            # Restored letters keep their ids: new messages are numbered above them.
+            self.builder.ids = itertools.count(self.returns.dead.max_id + 1)
         self.loop.add_reader(wakeups.lane_space.fd, self.on_space)
         # The Engine, its stats and tests reach these through the dispatcher: the
         # builder's and the return reader's own objects and bound methods, not copies.

@@ -171,6 +171,7 @@ class Monitor:
         if self.stopping:
             return
         quarantined = len(slot.quarantine)
+        corrupt = set(slot.corrupt)
         now = time.monotonic()
         failure = slot.died(code, now, self.config.poison_max_crashes)
         if failure:
@@ -211,6 +212,18 @@ class Monitor:
                 lane=lane,
                 frame_end=end,
                 index=index,
+            )
+
+        for lane, position in sorted(slot.corrupt - corrupt):
+            self.event(
+                "corrupt_frame_quarantined",
+                "error",
+                f"worker {slot.index} died {self.config.poison_max_crashes} times at a corrupt "
+                f"frame header at position {position} of lane {lane}: the frame is skipped and "
+                "its messages dead-lettered as malformed",
+                slot.index,
+                lane=lane,
+                position=position,
             )
 
     def check_stalls(self, now: float) -> None:

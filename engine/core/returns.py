@@ -62,7 +62,9 @@ class Returns:
         self.acked: list[list[int]] = [[r.committed for r in s.lanes] for s in shards]
         self.lane_settled = [0] * LANES
         self.futures: dict[int, asyncio.Future[Any]] = {}
-        self.dead = DeadLetterStore(config.dlq_max, config.dlq_path)
+        # Cluster mode keeps its letters in Redis: nothing to restore from the file there.
+        restore = bool(config.dlq_restore) and not config.broker
+        self.dead = DeadLetterStore(config.dlq_max, config.dlq_path, restore)
         # Dead letters whose frame is not reported settled yet, per shard (see DeadLetter).
         self.provisional: list[list[DeadLetter]] = [[] for _ in shards]
         self.settled_event = asyncio.Event()

@@ -54,6 +54,7 @@ def build_stats(
         "abandoned": abandoned,  # in flight when the engine stopped: lost (Engine.stop)
         "failed_attempts": worker_counts.get("failed_attempts", 0),
         "retried": worker_counts.get("retried", 0),
+        "frames_skipped": worker_counts.get("frames_skipped", 0),  # corrupt headers passed
         "redelivered": c["redelivered"],
         "queue_depth": depth,
         "ring_fill": ring_fill,
@@ -62,6 +63,7 @@ def build_stats(
         if batches
         else 0.0,
         "dead_letters_stored": len(d.dead),
+        "dead_letters_dropped": d.dead.dropped,  # evicted from the full store (ENGINE_DLQ_MAX)
         "latency_start_s": latency(report.latency_start if report else Histogram()),
         "latency_settle_s": latency(report.latency_settle if report else Histogram()),
         "workers": [

@@ -18,6 +18,7 @@ from engine.errors import EngineClosed
 if TYPE_CHECKING:
     from engine.batches import BatchRequest, BatchResults
     from engine.core.api import EngineAPI
+    from engine.core.deadletters import ReplayReport
     from ipc.records import DeadLetter
 
 T = TypeVar("T")
@@ -136,8 +137,8 @@ class SyncEngine:
     def dead_letters(self) -> list[DeadLetter]:
         return self.host.call(_later(self.engine.dead_letters))
 
-    def replay_dead_letters(self) -> int:
-        return self.host.call(self.engine.replay_dead_letters())
+    def replay_dead_letters(self, ids: Iterable[int] | None = None) -> ReplayReport:
+        return self.host.call(self.engine.replay_dead_letters(ids))
 
 
 async def _later(fn: Callable[..., T], *args: Any) -> T:

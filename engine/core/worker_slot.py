@@ -9,7 +9,9 @@ has died; a slot decides what that death means and when to respawn.
 Crashes that keep a lane's ``committed`` in place are counted; from
 ``poison_max_crashes - 1`` on, the respawned worker delivers its redelivery
 window one message at a time, recording each in its slot, so the crash that
-reaches the limit names the message to quarantine as a ``worker_crash``.
+reaches the limit names the message to quarantine as a ``worker_crash`` --
+unless the lane holds a corrupt frame header (``Ring.find_corrupt``), which the
+next worker then skips (``WorkerPlan.corrupt``).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class WorkerSlot:
     last_committed: tuple[int, ...] = ()
     last_fetched: tuple[int, ...] = ()
     quarantine: set[tuple[int, int, int]] = field(default_factory=set)
+    corrupt: set[tuple[int, int]] = field(default_factory=set)  # (lane, position): skip it
     boot_failures: int = 0
     respawn_at: float = 0.0
     plan: WorkerPlan = field(default_factory=WorkerPlan)
@@ -109,7 +112,7 @@ class WorkerSlot:
             # A requested exit (reload, recycle): not a crash, history starts over.
             self.lane_crashes = [0] * LANES
             self.last_committed = self.last_fetched = ()
-            self.plan = WorkerPlan(quarantine=set(self.quarantine))
+            self.plan = WorkerPlan(quarantine=set(self.quarantine), corrupt=set(self.corrupt))
         else:
             self.count_crash(poison_max_crashes)
         crashes = max(self.lane_crashes)
@@ -134,6 +137,15 @@ class WorkerSlot:
         self.last_committed = committed
         self.last_fetched = fetched
         idx = shard.slot_idx
+        for lane, ring in enumerate(shard.lanes):
+            if self.lane_crashes[lane] >= limit:
+                # A corrupt frame header kills every reader that reaches it: it is the
+                # culprit, even if a delivery was running in the lane when the reader died
+                # (that message is not quarantined for this crash).
+                bad = ring.find_corrupt(committed[lane])
+                if bad is not None:
+                    self.corrupt.add((lane, bad))
+                    self.lane_crashes[lane] = 0
         crashes = max(self.lane_crashes)
         if idx[SLOT_ACTIVE]:
             lane = int(idx[SLOT_LANE])
@@ -142,7 +154,10 @@ class WorkerSlot:
                 self.lane_crashes[lane] = 0
             idx[SLOT_ACTIVE] = 0
         self.plan = WorkerPlan(
-            careful=crashes >= max(1, limit - 1), quarantine=set(self.quarantine), crashes=crashes
+            careful=crashes >= max(1, limit - 1),
+            quarantine=set(self.quarantine),
+            crashes=crashes,
+            corrupt=set(self.corrupt),
         )
 
     def retire_stats(self) -> None:

@@ -613,9 +613,12 @@ def make_app(service: Service) -> web.Application:
             except ValueError:
                 return _problem(400, "bad_request", "id must be an integer message id")
         try:
-            return _reply(200, {"replayed": await service.engine.replay_dead_letters(ids)})
+            report = await service.engine.replay_dead_letters(ids)
         except EngineClosed as exc:
             return _problem(503, "closed", str(exc))
+        # {"replayed": n, "kept": k, "kept_reasons": {reason: count}}: a letter that cannot
+        # be replayed stays stored (its ``replay_error`` says why), never a 500.
+        return _reply(200, report)
 
     app = web.Application(middlewares=[guard], client_max_size=service.config.max_frame_bytes)
     app.router.add_get("/livez", livez)

@@ -40,6 +40,11 @@ _COUNTERS = (
     ("delivery_failed_attempts", "failed_attempts", "Handler attempts that raised."),
     ("delivery_retries", "retried", "Attempts scheduled again after a failure."),
     ("batches", "batches", "Batch frames written to the rings."),
+    (
+        "dead_letters_dropped",
+        "dead_letters_dropped",
+        "Dead letters evicted from the full store (ENGINE_DLQ_MAX).",
+    ),
 )
 
 

@@ -12,13 +12,22 @@ from __future__ import annotations
 import msgspec
 
 from engine.worker.delivery import FrameTrack
+from engine.worker.failures import MAX_TRACEBACK_CHARS
 from engine.worker.state import WorkerState
+from ipc.codec import Message
 from ipc.records import (
+    MAX_ERROR_CHARS,
+    MAX_METADATA,
+    MAX_METADATA_CHARS,
+    MAX_NAME_CHARS,
+    MAX_TAG_CHARS,
+    MAX_TAGS,
     AttemptFailed,
     DeadLetter,
     FrameDone,
     Reply,
     ReturnRecord,
+    clip,
     encode_records,
 )
 from ipc.shard import LANES
@@ -106,16 +115,95 @@ class Committing(WorkerState):
 
 
 def _shrunk(rec: ReturnRecord, size: int, limit: int) -> ReturnRecord:
-    """A record too big for the return ring, without its bulk (and saying so)."""
+    """A record too big for the return ring, without its bulk (and saying so).
+
+    A dead letter loses, in this order until it fits: the bulk of its error,
+    traceback, tags and metadata (each cut with a marker), its payload (marked
+    ``payload_dropped``), then the bulk of its recipient, sender and other names;
+    one that still does not fit becomes a short ``record_too_large`` letter.  Never
+    a record the ring refuses: that would kill the flusher and so the worker, and
+    the frame would come back after every respawn.
+    """
     note = f"(a {size:,}-byte record exceeds the return ring's {limit:,}-byte limit)"
     if isinstance(rec, Reply):
         return Reply(rec.correlation_id, False, NIL, f"reply too large {note}")
-    if isinstance(rec, DeadLetter):
-        msg = msgspec.structs.replace(rec.message, payload=NIL)
-        error = f"{rec.error} [payload dropped {note}]"
-        return DeadLetter(
-            msg, rec.reason, rec.attempts, error, rec.at_ns, rec.lane, rec.frame_end, rec.traceback
-        )
     if isinstance(rec, AttemptFailed):
-        return msgspec.structs.replace(rec, traceback="", error=rec.error[:1000])
-    return rec
+        return msgspec.structs.replace(
+            rec,
+            traceback="",
+            error=clip(rec.error, 1000),
+            recipient=clip(rec.recipient, MAX_NAME_CHARS),
+            exc_type=clip(rec.exc_type, MAX_NAME_CHARS),
+        )
+    if not isinstance(rec, DeadLetter):
+        return rec
+    msg = rec.message
+    bounded = msgspec.structs.replace(
+        rec,
+        error=clip(rec.error, MAX_ERROR_CHARS),
+        traceback=clip(rec.traceback, MAX_TRACEBACK_CHARS),
+        message=msgspec.structs.replace(
+            msg, tags=_capped_tags(msg.tags), metadata=_capped_metadata(msg.metadata)
+        ),
+    )
+    if _size(bounded) <= limit:
+        return bounded
+    msg = msgspec.structs.replace(bounded.message, payload=NIL)
+    dropped = msgspec.structs.replace(
+        bounded,
+        message=msg,
+        error=f"{bounded.error} [payload dropped {note}]",
+        payload_dropped=True,
+    )
+    if _size(dropped) <= limit:
+        return dropped
+    named = msgspec.structs.replace(
+        dropped,
+        traceback="",
+        message=msgspec.structs.replace(
+            msg,
+            recipient=clip(msg.recipient, MAX_NAME_CHARS),
+            sender=clip(msg.sender, MAX_NAME_CHARS),
+            reply_to=clip(msg.reply_to, MAX_NAME_CHARS),
+            dedup_key=clip(msg.dedup_key, MAX_NAME_CHARS),
+            user=clip(msg.user, MAX_NAME_CHARS),
+        ),
+    )
+    if _size(named) <= limit:
+        return named
+    # Nothing of the message fits: its id, lane and frame still settle it.
+    return DeadLetter(
+        Message(id=msg.id, recipient="", kind=msg.kind, priority=msg.priority, payload=NIL),
+        "record_too_large",
+        rec.attempts,
+        f"{rec.reason}: {note}"[:MAX_NAME_CHARS],
+        rec.at_ns,
+        rec.lane,
+        rec.frame_end,
+        payload_dropped=True,
+    )
+
+
+def _size(rec: ReturnRecord) -> int:
+    return len(encode_records([rec]))
+
+
+def _capped_tags(tags: tuple[str, ...]) -> tuple[str, ...]:
+    if len(tags) <= MAX_TAGS and all(len(t) <= MAX_TAG_CHARS for t in tags):
+        return tags
+    capped = tuple(clip(t, MAX_TAG_CHARS) for t in tags[:MAX_TAGS])
+    if len(tags) > MAX_TAGS:
+        capped += (f"\u2026 [{len(tags) - MAX_TAGS:,} more tags cut]",)
+    return capped
+
+
+def _capped_metadata(metadata: dict[str, str]) -> dict[str, str]:
+    if len(metadata) <= MAX_METADATA and all(
+        len(k) + len(v) <= MAX_METADATA_CHARS for k, v in metadata.items()
+    ):
+        return metadata
+    half = MAX_METADATA_CHARS // 2
+    capped = {clip(k, half): clip(v, half) for k, v in list(metadata.items())[:MAX_METADATA]}
+    if len(metadata) > MAX_METADATA:
+        capped["\u2026"] = f"[{len(metadata) - MAX_METADATA:,} more entries cut]"
+    return capped

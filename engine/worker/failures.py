@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from types import TracebackType
 
 from engine.logs import LogLimiter
+from ipc.records import MAX_ERROR_CHARS, clip
 
 MAX_TRACEBACK_CHARS = 8192
 """A traceback longer than this keeps its end (the frames nearest the raise)."""
@@ -48,12 +49,48 @@ def format_traceback(exc: BaseException, limit: int = MAX_TRACEBACK_CHARS) -> st
                 _frames.clear()
             frames = _frames[key] = "".join(traceback.extract_tb(tb).format())
         text = "Traceback (most recent call last):\n" + frames
-        text += "".join(traceback.format_exception_only(exc))
+        text += _exception_line(exc)
     text = text.rstrip("\n")
     if len(text) <= limit:
         return text
     cut = len(text) - limit
     return f"[{cut:,} characters of the traceback cut]\n" + text[cut:]
+
+
+def _str_of(exc: BaseException) -> str:
+    """``str(exc)`` (no copy for the usual one-string exception), or what made it fail."""
+    try:
+        return str(exc)
+    except Exception as err:  # the handler's exception must still settle its message
+        return f"<str() of {type(exc).__name__} raised {type(err).__name__}>"
+
+
+def exc_text(exc: BaseException, limit: int = MAX_ERROR_CHARS) -> str:
+    """``str(exc)``, at most ``limit`` characters; a ``__str__`` that raises is said, not raised.
+
+    Cut before anything is copied: a handler raising with a 10 MB message costs one
+    slice, not a 10 MB f-string (nor a dead letter too big for the return ring).
+    """
+    text = _str_of(exc)
+    return clip(text[:limit], limit, len(text))
+
+
+def describe(exc: BaseException, limit: int = MAX_ERROR_CHARS) -> str:
+    """``"Type: message"`` of ``exc``, at most ``limit`` characters (see `exc_text`)."""
+    text = _str_of(exc)
+    head = f"{type(exc).__name__}: "
+    return clip(head + text[:limit], limit, len(head) + len(text))
+
+
+def _exception_line(exc: BaseException) -> str:
+    """The traceback's last line(s), bounded: a huge message must not push the frames out."""
+    if len(_str_of(exc)) <= MAX_ERROR_CHARS:
+        return "".join(traceback.format_exception_only(exc))
+    name = type(exc).__qualname__
+    module = type(exc).__module__
+    if module not in ("builtins", "__main__"):
+        name = f"{module}.{name}"
+    return f"{name}: {exc_text(exc)}\n"
 
 
 def _walk(tb: TracebackType | None) -> Iterator[TracebackType]:

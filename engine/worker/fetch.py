@@ -24,6 +24,7 @@ from engine.worker.lanes import _LANE_RANGE
 from engine.worker.runners import YIELD_AFTER_NS, Runners
 from engine.worker.state import HOLD_NS
 from ipc.codec import DECODE_ERRORS, Message, decode, decode_batch
+from ipc.errors import CorruptFrameError
 from ipc.records import Redelivered
 from ipc.shard import LANES
 
@@ -57,7 +58,14 @@ class Fetching(Runners):
                 order = reversed(_LANE_RANGE)
                 self.fetch_streak = 0
             for lane in order:
-                frames, ends = consumers[lane].drain(max_frames=1)
+                try:
+                    frames, ends = consumers[lane].drain(max_frames=1)
+                except CorruptFrameError as exc:
+                    if (lane, exc.position) not in self.plan.corrupt:
+                        raise  # the worker dies; the monitor counts it (poison accounting)
+                    self._skip_corrupt(lane, exc)
+                    taken += 1
+                    break
                 if frames:
                     lower = any(rings[x].pending_bytes() for x in range(lane + 1, LANES))
                     self.fetch_streak = self.fetch_streak + 1 if lower else 0
@@ -67,6 +75,33 @@ class Fetching(Runners):
             else:
                 break
         return taken
+
+    def _skip_corrupt(self, lane: int, exc: CorruptFrameError) -> None:
+        """Quarantine the frame behind a corrupt header the monitor named (``plan.corrupt``).
+
+        The ring moves past it (see `RingConsumer.skip_corrupt`); its messages are
+        dead-lettered as ``malformed``: whole when its payload still decodes (only the
+        length was hit), else as many anonymous letters as its array header announces.
+        Settled like any frame, so the dispatcher's counts stay whole.
+        """
+        start = exc.position
+        end, data = self.consumers[lane].skip_corrupt(start, _FRAME_STARTS)
+        msgs = _recover(data)
+        count = len(msgs) if msgs else max(1, _array_length(data))
+        error = (
+            f"corrupt frame header {exc.header:#x} at position {start} of lane {lane}: "
+            f"skipped {end - start:,} bytes up to position {end} ("
+            + (f"its {count} messages decoded)" if msgs else "its messages could not be decoded)")
+        )
+        track = FrameTrack(lane, end, count)
+        self.frames[lane].append(track)
+        self.uncommitted += count
+        self.unsettled += count
+        self.counters["batches"] += 1
+        self.counters["frames_skipped"] += 1
+        for i in range(count):
+            msg = msgs[i] if msgs else Message(id=0, recipient="")
+            self.dead_letter(Pending(msg, track, i), "malformed", error)
 
     def _alone(self, lane: int) -> bool:
         """True if no other lane has work waiting (fetched or not): the fast path may run."""
@@ -171,6 +206,21 @@ def _salvage(frame: bytes) -> tuple[list[Message], list[tuple[int, str]]]:
 
 
 _SALVAGE_ERRORS: tuple[type[Exception], ...] = (*DECODE_ERRORS, ValueError)
+_FRAME_STARTS = frozenset((*range(0x90, 0xA0), 0xDC, 0xDD))
+"""First bytes of a batch frame: a msgpack array header (what the dispatcher writes)."""
+
+
+def _recover(data: bytes) -> list[Message]:
+    """The messages of a skipped frame's payload if it still decodes whole (its zero
+    padding, up to 7 bytes, cut), else []."""
+    for pad in range(8):
+        if pad and (len(data) < pad or data[-pad] != 0):
+            break
+        try:
+            return decode_batch(data[: len(data) - pad])
+        except CodecError:
+            continue
+    return []
 
 
 def _array_length(frame: bytes) -> int:

@@ -19,10 +19,10 @@ from engine.backoff import backoff_s
 from engine.errors import Reject, Retry
 from engine.worker.commit import NIL, Committing
 from engine.worker.delivery import DEAD_LETTERED, DELIVERED, EXPIRED, Pending
-from engine.worker.failures import format_traceback
+from engine.worker.failures import describe, exc_text, format_traceback
 from engine.worker.lanes import Lanes
 from ipc.codec import Kind, Message
-from ipc.records import AttemptFailed, DeadLetter, Reply
+from ipc.records import MAX_ERROR_CHARS, AttemptFailed, DeadLetter, Reply, clip
 
 monotonic_ns = time.monotonic_ns
 _OUTCOMES = ("delivered", "dead_lettered", "expired")
@@ -56,8 +56,7 @@ class Settling(Lanes, Committing):
         self.counters["failed_attempts"] += 1
         attempts = msg.attempt + 1
         if attempts >= self.config.retry_max_attempts:
-            error = f"{type(exc).__name__}: {exc}"
-            self.dead_letter(p, "max_attempts", error, format_traceback(exc))
+            self.dead_letter(p, "max_attempts", describe(exc), format_traceback(exc))
             return
         if isinstance(exc, Retry) and exc.after is not None:
             delay = exc.after
@@ -93,7 +92,7 @@ class Settling(Lanes, Committing):
                 self.config.retry_max_attempts,
                 retry_in_s,
                 exc_type,
-                str(exc),
+                exc_text(exc),
                 format_traceback(exc),
                 held,
             )
@@ -127,6 +126,9 @@ class Settling(Lanes, Committing):
 
     def dead_letter(self, p: Pending, reason: str, error: str, tb: str = "") -> None:
         msg = p.msg
+        if not isinstance(error, str):  # Reject(reason) is the handler's value: any type
+            error = repr(error)
+        error = clip(error, MAX_ERROR_CHARS)  # and any length
         now = time.monotonic_ns()
         track = p.frame
         self.out.append(

@@ -42,6 +42,7 @@ WORKER_COUNTERS = (
     "batches",
     "fetched",
     "replies",
+    "frames_skipped",
 )
 """What a worker counts and reports in its StatsSnapshot; the monitor sums these."""
 
@@ -53,6 +54,7 @@ class WorkerPlan:
     careful: bool = False  # deliver the redelivery window one by one, recording each
     quarantine: set[tuple[int, int, int]] = field(default_factory=set)  # (lane, end, index)
     crashes: int = 0
+    corrupt: set[tuple[int, int]] = field(default_factory=set)  # (lane, position) to skip
 
 
 HOLD_NS = 100_000_000

@@ -157,7 +157,7 @@ def test_dead_letters_go_to_the_dlq_stream_and_replay(
                 {"reject": 1},
             )
             (out / "reject_on").unlink()
-            assert await eng.replay_dead_letters() == 1
+            assert (await eng.replay_dead_letters()).replayed == 1
             await until(lambda: any(rec == "X" for rec, _, _ in read(out)))
             assert r.xlen(k.dlq) == 0
 

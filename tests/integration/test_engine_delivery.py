@@ -394,7 +394,7 @@ def test_reject_dead_letters_at_once_and_replay(out: Path) -> None:
             assert_all_settled(eng.stats(), submitted=n, delivered=0, dead_lettered=n)
 
             # Replay while the handler still rejects: dead-lettered again, as new messages.
-            assert await eng.replay_dead_letters() == n
+            assert (await eng.replay_dead_letters()).replayed == n
             assert await eng.drain(timeout=DRAIN_S)
             again = eng.dead_letters()
             assert len(again) == n
@@ -404,10 +404,10 @@ def test_reject_dead_letters_at_once_and_replay(out: Path) -> None:
 
             # Replay once the handler accepts: delivered.
             flag.unlink()
-            assert await eng.replay_dead_letters() == n
+            assert (await eng.replay_dead_letters()).replayed == n
             assert eng.dead_letters() == []
             assert await eng.drain(timeout=DRAIN_S)
-            assert await eng.replay_dead_letters() == 0
+            assert (await eng.replay_dead_letters()).replayed == 0
             assert_all_settled(eng.stats(), submitted=3 * n, delivered=n, dead_lettered=2 * n)
         return eng
 

@@ -123,7 +123,7 @@ def test_dead_letters_filter_page_show_and_replay_one(authed: ServiceProc) -> No
     assert http(svc, "GET", "/v1/dead-letters/999999", token=TOKEN)[0] == 404
     assert http(svc, "GET", f"/v1/dead-letters/{one['id']}", token=None)[0] == 401
     status, body = http(svc, "POST", f"/v1/dead-letters/replay?id={one['id']}", token=TOKEN)
-    assert status == 200 and json.loads(body) == {"replayed": 1}
+    assert status == 200 and json.loads(body) == {"replayed": 1, "kept": 0, "kept_reasons": {}}
     assert http(svc, "GET", f"/v1/dead-letters/{one['id']}", token=TOKEN)[0] == 404
 
 

@@ -25,10 +25,14 @@ def test_a_traceback_is_kept_whole_or_its_end_within_the_bound() -> None:
     short = format_traceback(raised("deep down"))
     assert short.startswith("Traceback (most recent call last):")
     assert short.endswith("ValueError: deep down")
-    long = format_traceback(raised("x" * 5000 + " the end"), limit=2000)
+    long = format_traceback(raised("x" * 3000 + " the end"), limit=2000)
     first, rest = long.split("\n", 1)
     assert len(rest) == 2000 and first.endswith("characters of the traceback cut]")
     assert long.endswith("x the end")  # the end, nearest the raise, is kept
+    # A huge message is cut itself (at its end), so the frames stay in the traceback.
+    huge = format_traceback(raised("y" * 1_000_000))
+    assert huge.startswith("Traceback (most recent call last):") and len(huge) < 8192
+    assert huge.endswith("[truncated, 1,000,000 chars]") and "ValueError: yyy" in huge
 
 
 def test_one_report_per_key_and_interval_and_a_ceiling_over_all_keys() -> None:

@@ -9,8 +9,14 @@ import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
-from ipc.errors import FrameTooLargeError, QueueFull, RingError, UnsupportedPlatformError
-from ipc.ring import FRAME_HEADER, PAD, Ring, RingConsumer, check_platform, frame_size
+from ipc.errors import (
+    CorruptFrameError,
+    FrameTooLargeError,
+    QueueFull,
+    RingError,
+    UnsupportedPlatformError,
+)
+from ipc.ring import FRAME_HEADER, HEADER_BYTES, PAD, Ring, RingConsumer, check_platform, frame_size
 from ipc.shm import new_engine_prefix
 from tests.conftest import RingPair
 
@@ -181,3 +187,42 @@ def test_non_x86_machine_is_refused() -> None:
     with pytest.raises(UnsupportedPlatformError, match="aarch64"):
         check_platform("aarch64")
     check_platform("x86_64")
+
+
+def _spoil(pair: RingPair, position: int, header: int) -> None:
+    ring = pair.ring
+    ring.idx[(HEADER_BYTES + (position & ring.mask)) >> 3] = header
+
+
+def test_a_corrupt_length_is_skipped_to_the_next_frame_and_the_good_ones_before_it_served(
+    ring_pair: RingPair,
+) -> None:
+    frames = [b"\x91first", b"\x92second-frame", b"\x91third", b"\x91fourth"]
+    ring_pair.producer.write(frames)
+    bad = frame_size(len(frames[0]))
+    _spoil(ring_pair, bad, 1 << 40)
+    assert ring_pair.ring.find_corrupt(0) == bad
+    got, _ = ring_pair.consumer.drain()
+    assert got == [frames[0]]  # the good frame before it comes out first
+    with pytest.raises(CorruptFrameError, match="corrupt frame header 0x10000000000") as exc:
+        ring_pair.consumer.drain()
+    assert (exc.value.position, exc.value.header) == (bad, 1 << 40)
+    end, data = ring_pair.consumer.skip_corrupt(bad, frozenset({0x91, 0x92}))
+    assert end == bad + frame_size(len(frames[1]))  # only the spoiled frame is skipped
+    assert data.rstrip(b"\0") == frames[1]
+    got, _ = ring_pair.consumer.drain()
+    assert got == frames[2:]
+
+
+def test_a_length_running_past_write_is_corrupt_and_with_no_boundary_all_is_skipped(
+    ring_pair: RingPair,
+) -> None:
+    ring_pair.producer.write([b"\x91one", b"\x91two"])
+    write = ring_pair.ring.write_pos
+    _spoil(ring_pair, 0, 100)  # fits the region, but runs past what was published
+    with pytest.raises(CorruptFrameError):
+        ring_pair.consumer.drain()
+    _spoil(ring_pair, frame_size(4), 1 << 50)  # the next header too: no boundary to resume at
+    end, data = ring_pair.consumer.skip_corrupt(0, frozenset({0x91}))
+    assert end == write and len(data) == write - FRAME_HEADER
+    assert ring_pair.consumer.drain() == ([], [])
