@@ -19,6 +19,7 @@ import time
 
 from engine.config import Config
 from engine.core.builder import MessageBuilder, Outgoing, pack_frames
+from engine.core.deferrals import Deferrals
 from engine.core.events import EventLog
 from engine.core.returns import Returns
 from engine.core.sharding import Sharder
@@ -65,6 +66,7 @@ class Dispatcher:
                 "batches",
                 "replies_unmatched",
                 "return_errors",
+                "deferrals",
             ),
             0,
         )
@@ -74,6 +76,21 @@ class Dispatcher:
         self.closed = False
         self.loop = asyncio.get_running_loop()
         self.returns = Returns(config, shards, wakeups, self.counts, events)
+        # Messages written to each (shard, lane) ring so far, and the recipients held out
+        # of the rings for a long retry (``engine.core.deferrals``).
+        self.written = [[0] * LANES for _ in shards]
+        self.deferrals = Deferrals(
+            self.counts,
+            self.returns.lane_settled,
+            self.returns.acked,
+            self.buffers,
+            self.written,
+            self.producers,
+            self._schedule_flush,
+        )
+        self.holding = self.deferrals.holding
+        self.returns.on_deferred = self.deferrals.hand_back
+        self.returns.on_progress = self.deferrals.progress
         self.loop.add_reader(wakeups.lane_space.fd, self.on_space)
         # The Engine, its stats and tests reach these through the dispatcher: the
         # builder's and the return reader's own objects and bound methods, not copies.
@@ -92,11 +109,15 @@ class Dispatcher:
     def _append(self, out: Outgoing) -> list[bytes]:
         if self.closed:
             raise EngineClosed("the engine is not running; submit inside `async with Engine(...)`")
-        _, recipient, lane, data = out
-        buf = self.buffers[self.shard_of(recipient)][lane]
-        buf.append(data)
+        mid, recipient, lane, data = out
+        shard = self.shard_of(recipient)
+        buf = self.buffers[shard][lane]
         self.counts["submitted"] += 1
         self.lane_submitted[lane] += 1
+        if self.holding and (lane, recipient) in self.holding:
+            self.deferrals.hold(shard, mid, lane, recipient, data)
+            return buf
+        buf.append(data)
         return buf
 
     async def enqueue(self, out: Outgoing) -> None:
@@ -113,15 +134,21 @@ class Dispatcher:
         size = self.config.batch_size
         buffers, shard_of, lane_submitted = self.buffers, self.shard_of, self.lane_submitted
         cached = shard_of.cache.get
+        holding = self.holding
         self.counts["submitted"] += len(outs)
         appended = 0
         try:
-            for _, recipient, lane, data in outs:
+            for mid, recipient, lane, data in outs:
                 shard = cached(recipient)
-                buf = buffers[shard_of(recipient) if shard is None else shard][lane]
-                buf.append(data)
+                if shard is None:
+                    shard = shard_of(recipient)
                 lane_submitted[lane] += 1
                 appended += 1
+                if holding and (lane, recipient) in holding:
+                    self.deferrals.hold(shard, mid, lane, recipient, data)
+                    continue
+                buf = buffers[shard][lane]
+                buf.append(data)
                 if len(buf) >= size:
                     await self.flush(buf)
         finally:
@@ -136,7 +163,9 @@ class Dispatcher:
         _, recipient, lane, _ = out
         shard = self.shard_of(recipient)
         buf = self.buffers[shard][lane]
-        if len(buf) + 1 < self.config.batch_size:
+        if len(buf) + 1 < self.config.batch_size or (
+            self.holding and (lane, recipient) in self.holding
+        ):
             self._append(out)
             self._schedule_flush()
             return
@@ -157,6 +186,7 @@ class Dispatcher:
             written += n
             self.counts["batches"] += 1
         del buf[:written]
+        self.written[shard][lane] += written
         if len(buf) + 1 >= self.config.batch_size:
             raise QueueFull(
                 f"lane {lane_name} of worker {shard} is full ({len(buf)} messages "
@@ -222,6 +252,7 @@ class Dispatcher:
                 # Remove only after the write: a cancelled flush loses nothing.
                 await self._write(self.producers[shard][lane], frame)
                 del buf[:n]
+                self.written[shard][lane] += n
                 self.counts["batches"] += 1
 
     async def _write(self, producer: RingProducer, frame: bytes) -> None:
@@ -263,8 +294,10 @@ class Dispatcher:
 
     async def wait_settled(self, marks: list[tuple[int, int, int]]) -> None:
         """Return once every (shard, lane, position) mark is settled (see ``settle_marks``)."""
-        acked = self.acked
-        while any(acked[s][lane] < pos for s, lane, pos in marks):
+        acked, busy = self.acked, self.deferrals.busy
+        # A message handed back for a long retry is settled in its ring but not yet
+        # delivered: wait for the lane's held and released ones as well.
+        while any(acked[s][lane] < pos or busy(s, lane) for s, lane, pos in marks):
             if self.closed:
                 raise EngineClosed("the engine stopped before the messages settled")
             # The cap re-checks in case a wake-up raced the event swap.
@@ -298,4 +331,5 @@ class Dispatcher:
         self.loop.remove_reader(self.wakeups.lane_space.fd)
         for task in list(self.tasks):
             task.cancel()  # blocked flushes end here, before their rings are unmapped
+        self.deferrals.close()
         self.returns.close()

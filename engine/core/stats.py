@@ -55,6 +55,10 @@ def build_stats(
         "failed_attempts": worker_counts.get("failed_attempts", 0),
         "retried": worker_counts.get("retried", 0),
         "redelivered": c["redelivered"],
+        # Out of the rings for a long retry (ENGINE_MAX_RETRY_HOLD_S): held by the
+        # dispatcher now (in flight), and handed back by workers in all.
+        "deferred": d.deferrals.held,
+        "deferrals": c["deferrals"],
         "queue_depth": depth,
         "ring_fill": ring_fill,
         "batches": batches,

@@ -18,11 +18,11 @@ import msgspec
 from engine.backoff import backoff_s
 from engine.errors import Reject, Retry
 from engine.worker.commit import NIL, Committing
-from engine.worker.delivery import DEAD_LETTERED, DELIVERED, EXPIRED, Pending
+from engine.worker.delivery import DEAD_LETTERED, DEFERRED, DELIVERED, EXPIRED, Pending
 from engine.worker.failures import format_traceback
 from engine.worker.lanes import Lanes
 from ipc.codec import Kind, Message
-from ipc.records import AttemptFailed, DeadLetter, Reply
+from ipc.records import AttemptFailed, DeadLetter, Deferred, Reply
 
 monotonic_ns = time.monotonic_ns
 _OUTCOMES = ("delivered", "dead_lettered", "expired")
@@ -67,8 +67,22 @@ class Settling(Lanes, Committing):
                 msg.attempt, cfg.retry_backoff_base_s, cfg.retry_backoff_max_s, rng=self.rng
             )
         msg.attempt = attempts
-        due_ns = time.monotonic_ns() + int(delay * 1e9)
-        if msg.expires_ns and due_ns >= msg.expires_ns:
+        now = time.monotonic_ns()
+        due_ns = now + int(delay * 1e9)
+        expires_first = bool(msg.expires_ns) and due_ns >= msg.expires_ns
+        if min(due_ns, msg.expires_ns or due_ns) - now > self.hold_ns:
+            queued = self._park(p)
+            if queued is not None:
+                # A long wait would pin the ring (a lane commits in order): the dispatcher
+                # holds the message, and the recipient's later ones, until it is due (or
+                # expires), so the ring commits past them.
+                self._report_failure(msg, exc, -1.0 if expires_first else delay)
+                self.counters["retried"] += 1
+                self._defer(p, due_ns)
+                for q in queued:
+                    self._follow(q)
+                return
+        if expires_first:
             # It would expire before its retry: never deliver it again, settle at expiry.
             self._report_failure(msg, exc, -1.0)
             self.timed += 1
@@ -125,6 +139,45 @@ class Settling(Lanes, Committing):
         self.timed -= 1
         self.settle(p, EXPIRED, now)
 
+    def _park(self, p: Pending) -> list[Pending] | None:
+        """Start handing ``p``'s recipient back; returns its queued messages, to follow ``p``.
+
+        None (the retry then waits in the ring as before) only if the parked set
+        would not fit the shard's slot, where the next worker of the shard reads it.
+        """
+        key = (p.frame.lane, p.msg.recipient)
+        if key not in self.parked:
+            if not self.shard.parked_fits(self.parked | {key}):
+                return None
+            self.parked.add(key)
+            self.parked_dirty = True
+        st = p.state
+        if st is None or not st.queue:
+            return []
+        queued = list(st.queue)
+        st.queue.clear()
+        ready = self.ready[key[0]]
+        for _ in range(st.avail):
+            ready.remove(st)
+        st.avail = 0
+        for q in queued:
+            q.state = None
+        return queued
+
+    def _follow(self, p: Pending) -> None:
+        """A message of a parked recipient: handed back behind the ones before it."""
+        self._careful_skip(p)
+        self._defer(p, 0)
+
+    def _careful_skip(self, p: Pending) -> None:
+        """Overridden by the runners (careful mode's count of the redelivery window)."""
+
+    def _defer(self, p: Pending, due_ns: int) -> None:
+        """Hand ``p`` back to the dispatcher (a `Deferred` record) and settle it in the ring."""
+        track = p.frame
+        self.out.append(Deferred(p.msg, due_ns, track.lane, track.end))
+        self.settle(p, DEFERRED, time.monotonic_ns())
+
     def dead_letter(self, p: Pending, reason: str, error: str, tb: str = "") -> None:
         msg = p.msg
         now = time.monotonic_ns()
@@ -140,9 +193,10 @@ class Settling(Lanes, Committing):
         track = p.frame
         track.counts[outcome] += 1
         track.remaining -= 1
-        self.counters[_OUTCOMES[outcome]] += 1
-        if p.msg.created_ns:
-            self.lat_settle.record(now - p.msg.created_ns)
+        if outcome != DEFERRED:
+            self.counters[_OUTCOMES[outcome]] += 1
+            if p.msg.created_ns:
+                self.lat_settle.record(now - p.msg.created_ns)
         self.unsettled -= 1
         st = p.state
         if st is not None:
