@@ -216,3 +216,60 @@ def test_worker_killed_while_recipient_parked(record_dir: Path, report: dict[str
     assert (chk.lost, chk.out_of_order, chk.unexpected) == (0, 0, 0), chk
     assert facts["stats"]["worker_restarts"] >= 1
     assert facts["deferrals_at_kill"] >= 1  # R was parked when the worker died
+
+
+# -- TTL while held -------------------------------------------------------------------------
+@pytest.mark.timeout(60)
+def test_held_message_expires_in_the_dispatcher(record_dir: Path, report: dict[str, Any]) -> None:
+    """A held message whose TTL ends is settled as expired, never delivered; the
+    recipient's later messages then go on, in order."""
+    cfg = chaos_config(ring_bytes=SMALL_RING, max_retry_hold_s=0.2)
+    plan = Plan()
+    facts: dict[str, Any] = {}
+
+    async def main() -> None:
+        async with Engine(f"{HANDLERS}:record", cfg) as eng:
+            await all_workers_up(eng)
+            doomed = plan.make("R", {"r": 30})
+            await eng.submit_many([doomed], ttl=1.0)
+            plan.accept(doomed)
+            await wait_stats(eng, lambda s: s["deferred"] == 1, "the retry handed back")
+            later = [plan.make("R") for _ in range(10)]
+            await eng.submit_many(later)
+            for item in later:
+                plan.accept(item)
+            s = await wait_stats(eng, lambda s: s["in_flight"] == 0, "everything settled")
+            facts["stats"] = conservation(s) | {"deferred": s["deferred"]}
+            facts["doomed"] = doomed[1][0]
+
+    asyncio.run(main())
+    deliveries = recorder.read_all(record_dir)
+    expected = {uid: v for uid, v in plan.accepted.items() if uid != facts["doomed"]}
+    chk = checker.check(expected, deliveries)
+    report.update(facts, checker=chk.to_dict())
+    assert (chk.lost, chk.duplicated, chk.out_of_order, chk.unexpected) == (0, 0, 0, 0), chk
+    assert facts["doomed"] not in _delivered_uids(record_dir)
+    assert facts["stats"]["expired"] == 1 and facts["stats"]["delivered"] == 10
+    assert facts["stats"]["deferred"] == 0
+
+
+@pytest.mark.timeout(60)
+def test_settled_submit_waits_for_the_held_retry(record_dir: Path, report: dict[str, Any]) -> None:
+    """``submit(settled=True)`` (the service's settled ack) returns once the message is
+    delivered, not when its worker handed it back."""
+    cfg = chaos_config(ring_bytes=SMALL_RING, max_retry_hold_s=0.2)
+    plan = Plan()
+    facts: dict[str, Any] = {}
+
+    async def main() -> None:
+        async with Engine(f"{HANDLERS}:record", cfg) as eng:
+            await all_workers_up(eng)
+            item = plan.make("R", {"r": 1.0})
+            await eng.submit_many([item], settled=True)
+            facts["delivered_at_return"] = item[1][0] in _delivered_uids(record_dir)
+            facts["stats"] = conservation(eng.stats()) | {"deferrals": eng.stats()["deferrals"]}
+
+    asyncio.run(main())
+    report.update(facts)
+    assert facts["stats"]["deferrals"] == 1
+    assert facts["delivered_at_return"], facts
