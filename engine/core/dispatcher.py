@@ -207,6 +207,10 @@ class Dispatcher:
 
     def _flush_soon(self) -> None:
         self.pending_flush = False
+        if self.closed:
+            # Stopped: the drain is over and what is still buffered is counted as
+            # abandoned; the rings are about to be unmapped, never write to them now.
+            return
         for shard, lanes in enumerate(self.buffers):
             for lane, buf in enumerate(lanes):
                 if buf and not self.lane_locks[shard][lane].locked():
