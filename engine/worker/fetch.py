@@ -101,12 +101,7 @@ class Fetching(Runners):
             self._maybe_commit(track)
             return 0
         parked = self.parked
-        if (
-            not parked
-            and not self.is_async
-            and not (redelivery and self.plan.careful)
-            and self._alone(lane)
-        ):
+        if not self.is_async and not (redelivery and self.plan.careful) and self._alone(lane):
             self._deliver_now(track, msgs)
             return len(msgs)
         states = self.lanes[lane]

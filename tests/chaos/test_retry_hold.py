@@ -182,7 +182,9 @@ def test_worker_killed_while_recipient_parked(record_dir: Path, report: dict[str
     facts: dict[str, Any] = {}
 
     async def main() -> None:
-        async with Engine(f"{HANDLERS}:record", cfg) as eng:
+        # Async: the blocker holds its frame (and so every later frame of the lane) open
+        # while the loop runs on, reporting the retry's frame and meeting R's later ones.
+        async with Engine(f"{HANDLERS}:record_async", cfg) as eng:
             s = await all_workers_up(eng)
             victim = worker_info(s, shard)["pid"]
 
@@ -197,7 +199,8 @@ def test_worker_killed_while_recipient_parked(record_dir: Path, report: dict[str
             await send([plan.make("R", {"r": 2.0}), blocker, *(plan.make("R") for _ in range(30))])
             while blocker[1][0] not in _delivered_uids(record_dir):
                 await asyncio.sleep(0.01)
-            facts["deferrals_at_kill"] = eng.stats()["deferrals"]
+            s = await wait_stats(eng, lambda s: s["deferrals"] >= 1, "R parked", timeout=1.5)
+            facts["deferrals_at_kill"] = s["deferrals"]
             sigkill(victim)
             await send([x for i in range(100) for x in (plan.make("R"), plan.make(f"o{i}"))])
             await wait_stats(
