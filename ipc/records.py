@@ -91,6 +91,13 @@ class AttemptFailed(msgspec.Struct, array_like=True, tag=5, gc=False):
     suppressed: int = 0
 
 
+DEFERRED_OVERHEAD = 32
+"""Bytes a `Deferred` record adds to its message: the record's array, tag and three
+ints (22 at most) and the message re-encoded with every field (3 more); rounded up.
+The dispatcher keeps messages this much below a lane frame's limit, so a return ring
+as large as a lane ring can carry any of them back."""
+
+
 class Deferred(msgspec.Struct, array_like=True, tag=6):
     """A message moved out of the ring: the dispatcher holds it until ``due_ns``.
 

@@ -25,6 +25,7 @@ from engine.core.returns import Returns
 from engine.core.sharding import Sharder
 from engine.errors import EngineClosed, QueueFull
 from ipc.codec import Priority
+from ipc.records import DEFERRED_OVERHEAD
 from ipc.ring import SPACE_RECHECK_S, RingProducer
 from ipc.shard import LANES, EngineWakeups, ShardMemory
 
@@ -45,9 +46,10 @@ class Dispatcher:
         self.shards = shards
         self.wakeups = wakeups
         self.shard_of = Sharder(len(shards))
-        # A frame holds a batch; the largest frame a lane ring takes, minus its array header.
+        # A frame holds a batch; the largest frame a lane ring takes, minus its array header
+        # (and room for a worker to hand the message back for a long retry).
         self.max_frame_bytes = shards[0].lanes[0].max_payload
-        self.builder = MessageBuilder(config, self.max_frame_bytes - 5)
+        self.builder = MessageBuilder(config, self.max_frame_bytes - 5 - DEFERRED_OVERHEAD)
         self.producers: list[list[RingProducer]] = [s.lane_producers() for s in shards]
         self.buffers: list[list[list[bytes]]] = [[[] for _ in range(LANES)] for _ in shards]
         self.pending_flush = False

@@ -116,8 +116,9 @@ class Fetching(Runners):
                     self.parked_dirty = True
                 else:
                     self.unsettled += 1
-                    self._follow(p)
-                    continue
+                    if self._follow(p):
+                        continue
+                    self.unsettled -= 1  # too large to hand back: delivered in place
             st = states.get(msg.recipient)
             if st is None:
                 st = states[msg.recipient] = RecipientLane((lane, msg.recipient))

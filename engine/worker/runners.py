@@ -69,11 +69,11 @@ class Runners(Settling):
         deadline = self.round_start + YIELD_AFTER_NS
         for i, msg in enumerate(msgs):
             if parked and (lane, msg.recipient) in parked:
-                if not msg.released:
-                    self._follow(Pending(msg, track, i))  # handed back, behind its elders
-                    continue
-                parked.discard((lane, msg.recipient))  # the dispatcher wrote it back
-                self.parked_dirty = True
+                if msg.released:
+                    parked.discard((lane, msg.recipient))  # the dispatcher wrote it back
+                    self.parked_dirty = True
+                elif self._follow(Pending(msg, track, i)):
+                    continue  # handed back, behind its elders
             if msg.recipient in states or (quarantine and (lane, track.end, i) in quarantine):
                 self._queue(Pending(msg, track, i), lane)
                 continue

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 
 from engine import Engine
 from engine.core.sharding import stable_shard
+from engine.errors import FrameTooLargeError
 from tests.chaos import checker, recorder
 from tests.chaos.harness import (
     HANDLERS,
@@ -276,3 +277,56 @@ def test_settled_submit_waits_for_the_held_retry(record_dir: Path, report: dict[
     report.update(facts)
     assert facts["stats"]["deferrals"] == 1
     assert facts["delivered_at_return"], facts
+
+
+# -- the largest messages ---------------------------------------------------------------------
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("lane_ring", "return_ring"),
+    [(SMALL_RING, SMALL_RING), (2 * SMALL_RING, SMALL_RING)],
+    ids=["equal", "smaller"],
+)
+def test_largest_message_of_a_parked_recipient(
+    record_dir: Path, report: dict[str, Any], lane_ring: int, return_ring: int
+) -> None:
+    """A message of the largest size a lane takes can be handed back when the return ring is
+    as large as a lane ring; with a smaller one it is delivered in place (documented), and
+    neither case crashes a worker or loses a message."""
+    cfg = chaos_config(ring_bytes=lane_ring, return_ring_bytes=return_ring, max_retry_hold_s=0.2)
+    plan = Plan()
+    facts: dict[str, Any] = {}
+
+    async def main() -> None:
+        async with Engine(f"{HANDLERS}:record", cfg) as eng:
+            await all_workers_up(eng)
+            assert eng.dispatcher is not None
+            build = eng.dispatcher.build
+            retry = plan.make("R", {"r": 1.0})
+            lo, hi = 0, lane_ring  # the longest padding of the next message that still builds
+            while lo + 1 < hi:
+                mid = (lo + hi) // 2
+                try:
+                    build("R", [plan.next_uid, 1, {"pad": "x" * mid}])
+                    lo = mid
+                except FrameTooLargeError:
+                    hi = mid
+            # Both in the ring before the dispatcher hears of the retry: the worker parks R
+            # and meets the big one behind it.
+            items = [retry, plan.make("R", {"pad": "x" * lo})]
+            await eng.submit_many(items)
+            for item in items:
+                plan.accept(item)
+            s = await wait_stats(eng, lambda s: s["in_flight"] == 0, "everything delivered")
+            facts["stats"] = conservation(s) | {"deferrals": s["deferrals"]}
+            facts["pad"] = lo
+
+    asyncio.run(main())
+    chk = checker.check(plan.accepted, recorder.read_all(record_dir))
+    report.update(facts, checker=chk.to_dict())
+    assert (chk.lost, chk.duplicated, chk.unexpected) == (0, 0, 0), chk
+    assert facts["stats"]["worker_restarts"] == 0
+    if lane_ring == return_ring:
+        assert chk.out_of_order == 0, chk
+        assert facts["stats"]["deferrals"] == 2  # the retry and the big one behind it
+    else:
+        assert facts["stats"]["deferrals"] == 1  # the big one could not go back
