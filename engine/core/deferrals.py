@@ -15,7 +15,10 @@ lane's reported position passed the last position the dispatcher wrote before it
 parked the recipient: every earlier message of the recipient is settled or handed
 back by then, so nothing of it can be delivered ahead of the FIFO.  A held message
 whose TTL ends is settled here as expired.  Held messages stay in flight (counted
-in ``stats()["deferred"]``); a stop drains them or reports them abandoned.
+in ``stats()["deferred"]``); a stop drains them or reports them abandoned.  New
+submits to a parked recipient get the backpressure its ring would give: at most a
+ring's worth of bytes is held for it, then ``submit`` waits (``submit_nowait``
+raises QueueFull) until the FIFO goes out.
 """
 
 from __future__ import annotations
@@ -27,37 +30,41 @@ from collections.abc import Callable
 
 import msgspec
 
+from engine.errors import EngineClosed, QueueFull
 from ipc.codec import Message, decode, encode
 from ipc.records import Deferred
 from ipc.ring import RingProducer
 
 monotonic_ns = time.monotonic_ns
+HELD_EXTRA_BYTES = 64  # a handed-back message's fields besides its payload, roughly
 
 
 class Held:
     """One message held for a parked recipient: handed back by a worker, or submitted."""
 
-    __slots__ = ("data", "due_ns", "expires_ns", "id", "msg")
+    __slots__ = ("data", "due_ns", "expires_ns", "id", "msg", "size")
 
     def __init__(
-        self, mid: int, due_ns: int, expires_ns: int, msg: Message | None, data: bytes
+        self, mid: int, due_ns: int, expires_ns: int, msg: Message | None, data: bytes, size: int
     ) -> None:
         self.id = mid
         self.due_ns = due_ns
         self.expires_ns = expires_ns
         self.msg = msg  # handed back (its attempt count moved on); None: encoded as submitted
         self.data = data
+        self.size = size  # counted against the recipient's room (see ``wait_room``)
 
 
 class Parked:
     """One (lane, recipient): its held FIFO, and the ring position it must wait for."""
 
-    __slots__ = ("entries", "holding", "key", "mark", "shard", "target", "timer")
+    __slots__ = ("bytes", "entries", "holding", "key", "mark", "shard", "target", "timer")
 
     def __init__(self, key: tuple[int, str], shard: int) -> None:
         self.key = key
         self.shard = shard
         self.entries: list[Held] = []
+        self.bytes = 0  # of the held messages
         self.holding = False  # new submits go to ``entries``, not to the ring
         # The ring position every earlier message of the recipient sits below: known once
         # the dispatcher has written ``target`` messages of the lane (its buffer then).
@@ -75,6 +82,7 @@ class Deferrals:
 
     def __init__(
         self,
+        room: int,
         counts: dict[str, int],
         lane_settled: list[int],
         acked: list[list[int]],
@@ -83,6 +91,8 @@ class Deferrals:
         producers: list[list[RingProducer]],
         schedule_flush: Callable[[], None],
     ) -> None:
+        self.room = room  # bytes of submits one parked recipient may hold: a ring's worth
+        self.room_event = asyncio.Event()  # replaced and set whenever held bytes go out
         self.counts = counts
         self.lane_settled = lane_settled
         self.acked = acked
@@ -105,7 +115,10 @@ class Deferrals:
         msg = rec.message
         msg.payload = msg.payload.copy()  # not a view of the whole return frame
         p = self._park((rec.lane, msg.recipient), shard)
-        bisect.insort(p.entries, Held(msg.id, rec.due_ns, msg.expires_ns, msg, b""), key=_by_id)
+        size = len(msg.payload) + HELD_EXTRA_BYTES
+        h = Held(msg.id, rec.due_ns, msg.expires_ns, msg, b"", size)
+        bisect.insort(p.entries, h, key=_by_id)
+        p.bytes += size
         self.held += 1
         self.counts["deferrals"] += 1
         self._arm(p)
@@ -113,10 +126,38 @@ class Deferrals:
     def hold(self, shard: int, mid: int, lane: int, recipient: str, data: bytes) -> None:
         """A new submit to a parked recipient: it waits behind the held ones."""
         p = self.parked[(lane, recipient)]
-        bisect.insort(p.entries, Held(mid, 0, 0, None, data), key=_by_id)
+        bisect.insort(p.entries, Held(mid, 0, 0, None, data, len(data)), key=_by_id)
+        p.bytes += len(data)
         self.held += 1
         if len(p.entries) == 1:
             self._arm(p)
+
+    def _full(self, lane: int, recipient: str, size: int) -> bool:
+        p = self.parked.get((lane, recipient))
+        return p is not None and p.holding and p.bytes > 0 and p.bytes + size > self.room
+
+    async def wait_room(self, lane: int, recipient: str, size: int) -> None:
+        """Backpressure: a parked recipient holds at most a ring's worth of submits here,
+        as its ring would; a submit beyond that waits until some of them go out."""
+        while self._full(lane, recipient, size):
+            if self.closed:
+                raise EngineClosed("the engine stopped while the submit waited")
+            await self.room_event.wait()
+
+    def check_room(self, lane: int, recipient: str, size: int) -> None:
+        """``wait_room`` for ``submit_nowait``: QueueFull instead of waiting."""
+        if self._full(lane, recipient, size):
+            p = self.parked[(lane, recipient)]
+            raise QueueFull(
+                f"recipient {recipient!r} waits for a retry and {p.bytes:,} bytes of its "
+                f"messages are held (at most {self.room:,}, a ring's worth)"
+            )
+
+    def _freed(self, p: Parked, h: Held) -> None:
+        p.bytes -= h.size
+        self.held -= 1
+        event, self.room_event = self.room_event, asyncio.Event()
+        event.set()
 
     def _park(self, key: tuple[int, str], shard: int) -> Parked:
         p = self.parked.get(key)
@@ -198,7 +239,7 @@ class Deferrals:
             if h.expires_ns and h.expires_ns <= now:
                 self._expire(p, h)
                 continue
-            self.held -= 1
+            self._freed(p, h)
             if h.msg is not None:
                 if first:
                     h.msg.released = True
@@ -221,7 +262,7 @@ class Deferrals:
 
     def _expire(self, p: Parked, h: Held) -> None:
         """A held message whose TTL ended: settled here, like a worker does, never delivered."""
-        self.held -= 1
+        self._freed(p, h)
         self.counts["expired"] += 1
         self.lane_settled[p.key[0]] += 1
 
@@ -240,6 +281,7 @@ class Deferrals:
 
     def close(self) -> None:
         self.closed = True
+        self.room_event.set()  # a submit waiting for room raises EngineClosed
         for p in self.parked.values():
             if p.timer is not None:
                 p.timer.cancel()

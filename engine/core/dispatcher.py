@@ -82,6 +82,7 @@ class Dispatcher:
         # of the rings for a long retry (``engine.core.deferrals``).
         self.written = [[0] * LANES for _ in shards]
         self.deferrals = Deferrals(
+            shards[0].lanes[0].capacity,
             self.counts,
             self.returns.lane_settled,
             self.returns.acked,
@@ -123,6 +124,8 @@ class Dispatcher:
         return buf
 
     async def enqueue(self, out: Outgoing) -> None:
+        if self.holding and (out[2], out[1]) in self.holding:
+            await self.deferrals.wait_room(out[2], out[1], len(out[3]))
         buf = self._append(out)
         if len(buf) >= self.config.batch_size:
             await self.flush(buf)
@@ -144,13 +147,17 @@ class Dispatcher:
                 shard = cached(recipient)
                 if shard is None:
                     shard = shard_of(recipient)
-                lane_submitted[lane] += 1
-                appended += 1
                 if holding and (lane, recipient) in holding:
-                    self.deferrals.hold(shard, mid, lane, recipient, data)
-                    continue
+                    await self.deferrals.wait_room(lane, recipient, len(data))
+                    if (lane, recipient) in holding:  # else released while it waited
+                        self.deferrals.hold(shard, mid, lane, recipient, data)
+                        lane_submitted[lane] += 1
+                        appended += 1
+                        continue
                 buf = buffers[shard][lane]
                 buf.append(data)
+                lane_submitted[lane] += 1
+                appended += 1
                 if len(buf) >= size:
                     await self.flush(buf)
         finally:
@@ -162,12 +169,14 @@ class Dispatcher:
         """Queue one message now, or raise QueueFull and queue nothing."""
         if self.closed:
             raise EngineClosed("the engine is not running; submit inside `async with Engine(...)`")
-        _, recipient, lane, _ = out
+        _, recipient, lane, data = out
         shard = self.shard_of(recipient)
         buf = self.buffers[shard][lane]
-        if len(buf) + 1 < self.config.batch_size or (
-            self.holding and (lane, recipient) in self.holding
-        ):
+        if self.holding and (lane, recipient) in self.holding:
+            self.deferrals.check_room(lane, recipient, len(data))  # or QueueFull
+            self._append(out)
+            return
+        if len(buf) + 1 < self.config.batch_size:
             self._append(out)
             self._schedule_flush()
             return

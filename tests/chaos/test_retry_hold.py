@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 
 from engine import Engine
 from engine.core.sharding import stable_shard
-from engine.errors import FrameTooLargeError
+from engine.errors import FrameTooLargeError, QueueFull
 from tests.chaos import checker, recorder
 from tests.chaos.harness import (
     HANDLERS,
@@ -330,3 +330,48 @@ def test_largest_message_of_a_parked_recipient(
         assert facts["stats"]["deferrals"] == 2  # the retry and the big one behind it
     else:
         assert facts["stats"]["deferrals"] == 1  # the big one could not go back
+
+
+# -- backpressure for a parked recipient -------------------------------------------------------
+@pytest.mark.timeout(60)
+def test_submits_to_a_parked_recipient_get_backpressure(
+    record_dir: Path, report: dict[str, Any]
+) -> None:
+    """The dispatcher holds at most a ring's worth of a parked recipient's submits: then
+    ``submit_nowait`` raises QueueFull saying why and ``submit`` waits until they go out;
+    everything is delivered, in order, once the retry is due."""
+    cfg = chaos_config(ring_bytes=SMALL_RING, max_retry_hold_s=0.2)
+    plan = Plan()
+    facts: dict[str, Any] = {}
+
+    async def main() -> None:
+        async with Engine(f"{HANDLERS}:record", cfg) as eng:
+            await all_workers_up(eng)
+            first = plan.make("R", {"r": 1.0})
+            await eng.submit_many([first])
+            plan.accept(first)
+            await wait_stats(eng, lambda s: s["deferred"] == 1, "the retry handed back")
+            refused: QueueFull | None = None
+            while refused is None:
+                item = plan.make("R", {"pad": "x" * 500})
+                try:
+                    eng.submit_nowait(*item)
+                except QueueFull as exc:
+                    refused = exc
+                else:
+                    plan.accept(item)
+            facts["held_at_refusal"] = eng.stats()["deferred"]
+            facts["refusal"] = str(refused)
+            late = plan.make("R")
+            await eng.submit_many([late])  # waits for room, then goes behind the others
+            plan.accept(late)
+            s = await wait_stats(eng, lambda s: s["in_flight"] == 0, "everything delivered")
+            facts["stats"] = conservation(s)
+
+    asyncio.run(main())
+    chk = checker.check(plan.accepted, recorder.read_all(record_dir))
+    report.update(facts, checker=chk.to_dict())
+    assert (chk.lost, chk.duplicated, chk.out_of_order, chk.unexpected) == (0, 0, 0, 0), chk
+    assert "waits for a retry" in facts["refusal"]
+    # About a ring's worth of ~530-byte messages, never unbounded.
+    assert 1 < facts["held_at_refusal"] <= SMALL_RING // 500 + 1
