@@ -47,7 +47,9 @@ def _delivered_uids(record_dir: Path) -> set[int]:
 
 # -- (a) the ring flows while one recipient waits 60 s for its retry ------------------------
 @pytest.mark.timeout(RETRY_S + 60)
-def test_long_retry_does_not_pin_the_ring(record_dir: Path, report: dict[str, Any]) -> None:
+def test_long_retry_does_not_pin_the_ring(
+    record_dir: Path, report: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
     cfg = chaos_config(ring_bytes=SMALL_RING, max_retry_hold_s=1.0, shutdown_timeout_s=1.0)
     plan = Plan()
     slow = plan.make("waits", {"r": RETRY_S})
@@ -89,6 +91,9 @@ def test_long_retry_does_not_pin_the_ring(record_dir: Path, report: dict[str, An
     # Stopped before it was due: reported, never silently dropped.
     assert facts["abandoned"] == 1
     assert facts["final"]["abandoned"] == 1 and facts["final"]["deferred"] == 1
+    [line] = [r.getMessage() for r in caplog.records if "abandoned" in r.getMessage()]
+    assert "stopped with 1 unsettled messages abandoned" in line
+    assert "1 of them held for a retry" in line
 
 
 # -- (b) order for the waiting recipient ----------------------------------------------------
