@@ -114,6 +114,7 @@ class Deferrals:
         """A firm `Deferred` (its frame is reported): hold the message, park its recipient."""
         msg = rec.message
         msg.payload = msg.payload.copy()  # not a view of the whole return frame
+        msg.released = False  # set again on whichever message leads the next release
         p = self._park((rec.lane, msg.recipient), shard)
         size = len(msg.payload) + HELD_EXTRA_BYTES
         h = Held(msg.id, rec.due_ns, msg.expires_ns, msg, b"", size)
@@ -268,6 +269,8 @@ class Deferrals:
 
     def progress(self) -> None:
         """The return rings moved: try the recipients that wait for their lane."""
+        if not self.waiting:
+            return
         for key in list(self.waiting):
             p = self.parked.get(key)
             if p is None:
