@@ -66,6 +66,15 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
     retry_backoff_max_s: Annotated[
         float, Meta(gt=0, le=86400, description="Cap on one retry backoff.")
     ] = 30.0
+    max_retry_hold_s: Annotated[
+        float,
+        Meta(
+            ge=0,
+            le=86400,
+            description="Longest retry wait kept in the ring; a longer one is handed back to "
+            "the dispatcher (0 = every delayed retry). Ignored in cluster mode.",
+        ),
+    ] = 5.0
     handler_timeout_s: Annotated[
         float, Meta(gt=0, le=86400, description="A longer handler call fails the attempt.")
     ] = 30.0

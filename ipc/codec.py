@@ -180,6 +180,10 @@ class Message(msgspec.Struct, array_like=True, omit_defaults=True, gc=False):
     user: str = ""
     """Who sent it: set by the service from the authenticated token (never the client's
     claim), or by embedding code with ``user=``; empty otherwise."""
+    released: bool = False
+    """Set by the dispatcher on the first message it writes back to a ring after holding
+    the recipient's messages for a long retry (``ENGINE_MAX_RETRY_HOLD_S``): the worker
+    stops handing that recipient's messages back from here on."""
 
     @overload
     def body(self) -> Any: ...

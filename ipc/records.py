@@ -25,6 +25,9 @@ class FrameDone(msgspec.Struct, array_like=True, tag=0, gc=False):
     delivered: int
     dead_lettered: int
     expired: int
+    deferred: int = 0
+    """Messages of the frame handed back to the dispatcher (`Deferred`): out of the
+    ring, not settled."""
 
 
 class Reply(msgspec.Struct, array_like=True, tag=1, gc=False):
@@ -119,7 +122,32 @@ def clip(text: str, limit: int, total: int | None = None) -> str:
     return text[: max(0, limit - len(marker))] + marker
 
 
-ReturnRecord = FrameDone | Reply | DeadLetter | Redelivered | WorkerStarted | AttemptFailed
+DEFERRED_OVERHEAD = 32
+"""Bytes a `Deferred` record adds to its message: the record's array, tag and three
+ints (22 at most) and the message re-encoded with every field (3 more); rounded up.
+The dispatcher keeps messages this much below a lane frame's limit, so a return ring
+as large as a lane ring can carry any of them back."""
+
+
+class Deferred(msgspec.Struct, array_like=True, tag=6):
+    """A message moved out of the ring: the dispatcher holds it until ``due_ns``.
+
+    Sent for a retry that waits longer than ``ENGINE_MAX_RETRY_HOLD_S`` (``due_ns``
+    is when it may run again, CLOCK_MONOTONIC) and for every later message of the
+    same recipient and lane the worker fetches meanwhile (``due_ns`` 0: it follows).
+    Provisional like a `DeadLetter` until the FrameDone of (``lane``, ``frame_end``)
+    arrives: a worker that dies before that report delivers the frame again.
+    """
+
+    message: Message
+    due_ns: int
+    lane: int
+    frame_end: int
+
+
+ReturnRecord = (
+    FrameDone | Reply | DeadLetter | Redelivered | WorkerStarted | AttemptFailed | Deferred
+)
 
 _encoder = msgspec.msgpack.Encoder()
 _decoder = msgspec.msgpack.Decoder(list[ReturnRecord])

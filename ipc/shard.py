@@ -12,13 +12,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import msgspec
+
 from ipc.codec import Priority
 from ipc.ring import Ring, RingConsumer, RingProducer, segment_bytes
 from ipc.shm import Segment
 from ipc.wake import EventFd
 
 LANES = len(Priority)
-SLOT_BYTES = 4096
+SLOT_BYTES = 65536
 
 # Slot fields (u64 indices), written by the worker, read by the monitor after a crash.
 SLOT_ACTIVE = 0  # 1 while a delivery of a suspect message runs
@@ -28,6 +30,15 @@ SLOT_INDEX = 3
 # 4: unused (was the message id, never read)
 SLOT_PID = 5  # the worker process attached now: a new monitor waits for it to be gone
 SLOT_PID_START = 6  # its start time in ms (psutil create_time): a pid read later may be reused
+SLOT_PARKED = 7  # which copy of the parked set is current: 0 none, 1 or 2 (see save_parked)
+# The parked set: (lane, recipient) pairs whose messages the worker hands back to the
+# dispatcher.  Written by the worker before it commits the frames that depend on it, read
+# by the next worker of the shard; two copies, so a worker killed mid-write leaves the
+# previous one intact (the selector above is switched with one aligned 8-byte store).
+PARKED_AREA_BYTES = (SLOT_BYTES - 1024) // 2
+_PARKED_AREAS = (1024, 1024 + PARKED_AREA_BYTES)
+_parked_encoder = msgspec.msgpack.Encoder()
+_parked_decoder = msgspec.msgpack.Decoder(list[tuple[int, str]])
 
 
 @dataclass(frozen=True)
@@ -121,6 +132,34 @@ class ShardMemory:
 
     def return_producer(self) -> RingProducer:
         return RingProducer(self.returns, self.spec.wakeups.return_ready, self.spec.return_space)
+
+    @staticmethod
+    def parked_fits(parked: set[tuple[int, str]]) -> bool:
+        """Whether ``save_parked`` can store this set."""
+        return len(_parked_encoder.encode(sorted(parked))) + 8 <= PARKED_AREA_BYTES
+
+    def save_parked(self, parked: set[tuple[int, str]]) -> bool:
+        """Store the parked set for the shard's next worker; False if it does not fit."""
+        data = _parked_encoder.encode(sorted(parked))
+        if len(data) + 8 > PARKED_AREA_BYTES:
+            return False
+        current = self.slot_idx[SLOT_PARKED]
+        which = 2 if current == 1 else 1
+        start = _PARKED_AREAS[which - 1]
+        buf = self.slot.buf
+        buf[start + 8 : start + 8 + len(data)] = data
+        self.slot_idx[start // 8] = len(data)
+        self.slot_idx[SLOT_PARKED] = which  # publish: one aligned store, after the data
+        return True
+
+    def load_parked(self) -> set[tuple[int, str]]:
+        """The parked set the shard's previous worker left (empty for a new shard)."""
+        which = self.slot_idx[SLOT_PARKED]
+        if which not in (1, 2):
+            return set()
+        start = _PARKED_AREAS[which - 1]
+        size = self.slot_idx[start // 8]
+        return set(_parked_decoder.decode(bytes(self.slot.buf[start + 8 : start + 8 + size])))
 
     def committed(self) -> tuple[int, ...]:
         """Committed position of every lane: a crash at the same tuple is the same message."""

@@ -20,11 +20,13 @@ import time
 
 from engine.config import Config
 from engine.core.builder import MessageBuilder, Outgoing, pack_frames
+from engine.core.deferrals import Deferrals
 from engine.core.events import EventLog
 from engine.core.returns import Returns
 from engine.core.sharding import Sharder
 from engine.errors import EngineClosed, QueueFull
 from ipc.codec import Priority
+from ipc.records import DEFERRED_OVERHEAD
 from ipc.ring import SPACE_RECHECK_S, RingProducer
 from ipc.shard import LANES, EngineWakeups, ShardMemory
 
@@ -45,9 +47,10 @@ class Dispatcher:
         self.shards = shards
         self.wakeups = wakeups
         self.shard_of = Sharder(len(shards))
-        # A frame holds a batch; the largest frame a lane ring takes, minus its array header.
+        # A frame holds a batch; the largest frame a lane ring takes, minus its array header
+        # (and room for a worker to hand the message back for a long retry).
         self.max_frame_bytes = shards[0].lanes[0].max_payload
-        self.builder = MessageBuilder(config, self.max_frame_bytes - 5)
+        self.builder = MessageBuilder(config, self.max_frame_bytes - 5 - DEFERRED_OVERHEAD)
         self.producers: list[list[RingProducer]] = [s.lane_producers() for s in shards]
         self.buffers: list[list[list[bytes]]] = [[[] for _ in range(LANES)] for _ in shards]
         self.pending_flush = False
@@ -66,6 +69,7 @@ class Dispatcher:
                 "batches",
                 "replies_unmatched",
                 "return_errors",
+                "deferrals",
             ),
             0,
         )
@@ -78,6 +82,22 @@ class Dispatcher:
         if self.returns.dead.max_id:
             # Restored letters keep their ids: new messages are numbered above them.
             self.builder.ids = itertools.count(self.returns.dead.max_id + 1)
+        # Messages written to each (shard, lane) ring so far, and the recipients held out
+        # of the rings for a long retry (``engine.core.deferrals``).
+        self.written = [[0] * LANES for _ in shards]
+        self.deferrals = Deferrals(
+            shards[0].lanes[0].capacity,
+            self.counts,
+            self.returns.lane_settled,
+            self.returns.acked,
+            self.buffers,
+            self.written,
+            self.producers,
+            self._schedule_flush,
+        )
+        self.holding = self.deferrals.holding
+        self.returns.on_deferred = self.deferrals.hand_back
+        self.returns.on_progress = self.deferrals.progress
         self.loop.add_reader(wakeups.lane_space.fd, self.on_space)
         # The Engine, its stats and tests reach these through the dispatcher: the
         # builder's and the return reader's own objects and bound methods, not copies.
@@ -96,14 +116,20 @@ class Dispatcher:
     def _append(self, out: Outgoing) -> list[bytes]:
         if self.closed:
             raise EngineClosed("the engine is not running; submit inside `async with Engine(...)`")
-        _, recipient, lane, data = out
-        buf = self.buffers[self.shard_of(recipient)][lane]
-        buf.append(data)
+        mid, recipient, lane, data = out
+        shard = self.shard_of(recipient)
+        buf = self.buffers[shard][lane]
         self.counts["submitted"] += 1
         self.lane_submitted[lane] += 1
+        if self.holding and (lane, recipient) in self.holding:
+            self.deferrals.hold(shard, mid, lane, recipient, data)
+            return buf
+        buf.append(data)
         return buf
 
     async def enqueue(self, out: Outgoing) -> None:
+        if self.holding and (out[2], out[1]) in self.holding:
+            await self.deferrals.wait_room(out[2], out[1], len(out[3]))
         buf = self._append(out)
         if len(buf) >= self.config.batch_size:
             await self.flush(buf)
@@ -117,12 +143,22 @@ class Dispatcher:
         size = self.config.batch_size
         buffers, shard_of, lane_submitted = self.buffers, self.shard_of, self.lane_submitted
         cached = shard_of.cache.get
+        holding = self.holding
         self.counts["submitted"] += len(outs)
         appended = 0
         try:
-            for _, recipient, lane, data in outs:
+            for mid, recipient, lane, data in outs:
                 shard = cached(recipient)
-                buf = buffers[shard_of(recipient) if shard is None else shard][lane]
+                if shard is None:
+                    shard = shard_of(recipient)
+                if holding and (lane, recipient) in holding:
+                    await self.deferrals.wait_room(lane, recipient, len(data))
+                    if (lane, recipient) in holding:  # else released while it waited
+                        self.deferrals.hold(shard, mid, lane, recipient, data)
+                        lane_submitted[lane] += 1
+                        appended += 1
+                        continue
+                buf = buffers[shard][lane]
                 buf.append(data)
                 lane_submitted[lane] += 1
                 appended += 1
@@ -137,9 +173,13 @@ class Dispatcher:
         """Queue one message now, or raise QueueFull and queue nothing."""
         if self.closed:
             raise EngineClosed("the engine is not running; submit inside `async with Engine(...)`")
-        _, recipient, lane, _ = out
+        _, recipient, lane, data = out
         shard = self.shard_of(recipient)
         buf = self.buffers[shard][lane]
+        if self.holding and (lane, recipient) in self.holding:
+            self.deferrals.check_room(lane, recipient, len(data))  # or QueueFull
+            self._append(out)
+            return
         if len(buf) + 1 < self.config.batch_size:
             self._append(out)
             self._schedule_flush()
@@ -161,6 +201,7 @@ class Dispatcher:
             written += n
             self.counts["batches"] += 1
         del buf[:written]
+        self.written[shard][lane] += written
         if len(buf) + 1 >= self.config.batch_size:
             raise QueueFull(
                 f"lane {lane_name} of worker {shard} is full ({len(buf)} messages "
@@ -181,6 +222,10 @@ class Dispatcher:
 
     def _flush_soon(self) -> None:
         self.pending_flush = False
+        if self.closed:
+            # Stopped: the drain is over and what is still buffered is counted as
+            # abandoned; the rings are about to be unmapped, never write to them now.
+            return
         for shard, lanes in enumerate(self.buffers):
             for lane, buf in enumerate(lanes):
                 if buf and not self.lane_locks[shard][lane].locked():
@@ -226,6 +271,7 @@ class Dispatcher:
                 # Remove only after the write: a cancelled flush loses nothing.
                 await self._write(self.producers[shard][lane], frame)
                 del buf[:n]
+                self.written[shard][lane] += n
                 self.counts["batches"] += 1
 
     async def _write(self, producer: RingProducer, frame: bytes) -> None:
@@ -267,8 +313,10 @@ class Dispatcher:
 
     async def wait_settled(self, marks: list[tuple[int, int, int]]) -> None:
         """Return once every (shard, lane, position) mark is settled (see ``settle_marks``)."""
-        acked = self.acked
-        while any(acked[s][lane] < pos for s, lane, pos in marks):
+        acked, busy = self.acked, self.deferrals.busy
+        # A message handed back for a long retry is settled in its ring but not yet
+        # delivered: wait for the lane's held and released ones as well.
+        while any(acked[s][lane] < pos or busy(s, lane) for s, lane, pos in marks):
             if self.closed:
                 raise EngineClosed("the engine stopped before the messages settled")
             # The cap re-checks in case a wake-up raced the event swap.
@@ -302,4 +350,5 @@ class Dispatcher:
         self.loop.remove_reader(self.wakeups.lane_space.fd)
         for task in list(self.tasks):
             task.cancel()  # blocked flushes end here, before their rings are unmapped
+        self.deferrals.close()
         self.returns.close()

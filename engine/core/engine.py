@@ -154,11 +154,15 @@ class Engine(EngineAPI):
             self.dispatcher.closed = True
             await self._teardown(fast)
         if self.abandoned:
+            held = self.dispatcher.deferrals.held
+            if held:
+                # Never silent: these waited for a long retry out of the rings.
+                self._stop_reason += f"; {held} of them held for a retry (stats: deferred)"
             log.error(
                 "stopped with %d unsettled messages abandoned (%s)",
                 self.abandoned,
                 self._stop_reason,
-                extra={"abandoned": self.abandoned},
+                extra={"abandoned": self.abandoned, "deferred": held},
             )
         return self.abandoned
 

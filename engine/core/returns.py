@@ -12,17 +12,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from typing import Any
 
 from engine.config import Config
 from engine.core.deadletters import DeadLetterStore
 from engine.core.events import EventLog
-from engine.errors import CodecError, EngineClosed, RequestFailed
+from engine.errors import CodecError, EngineClosed, EngineError, RequestFailed
 from engine.logs import suppressed_note
 from engine.worker.failures import FailureLog
 from ipc.records import (
     AttemptFailed,
     DeadLetter,
+    Deferred,
     FrameDone,
     Redelivered,
     Reply,
@@ -67,6 +69,12 @@ class Returns:
         self.dead = DeadLetterStore(config.dlq_max, config.dlq_path, restore)
         # Dead letters whose frame is not reported settled yet, per shard (see DeadLetter).
         self.provisional: list[list[DeadLetter]] = [[] for _ in shards]
+        # Messages handed back for a long retry whose frame is not reported yet, per
+        # shard, and who takes them (and hears of progress) once it is: the dispatcher's
+        # ``Deferrals``.
+        self.deferred: list[list[Deferred]] = [[] for _ in shards]
+        self.on_deferred: Callable[[int, Deferred], None] = _refuse_deferred
+        self.on_progress: Callable[[], None] | None = None
         self.settled_event = asyncio.Event()
         self.progress_event = asyncio.Event()  # replaced and set whenever a frame settles
         self.loop = asyncio.get_running_loop()
@@ -92,6 +100,8 @@ class Returns:
                         self.counts["return_errors"] += 1
                         log.exception("cannot process a return record from worker %d", shard)
             consumer.commit()
+        if self.on_progress is not None:
+            self.on_progress()
         if self.in_flight() == 0:
             self.settled_event.set()
         event, self.progress_event = self.progress_event, asyncio.Event()
@@ -103,6 +113,8 @@ class Returns:
             fresh = rec.end > acked[rec.lane]  # else: a report repeated by a respawned worker
             if self.provisional[shard]:
                 self._settle_letters(shard, rec.lane, rec.end, keep=fresh)
+            if self.deferred[shard]:
+                self._settle_deferred(shard, rec.lane, rec.end, keep=fresh)
             if fresh:
                 acked[rec.lane] = rec.end
                 self.counts["delivered"] += rec.delivered
@@ -121,6 +133,10 @@ class Returns:
             if rec.frame_end > self.acked[shard][rec.lane]:
                 self.provisional[shard].append(rec)
             # else: its frame was reported settled before; this is a redelivery's echo
+        elif isinstance(rec, Deferred):
+            if rec.frame_end > self.acked[shard][rec.lane]:
+                self.deferred[shard].append(rec)
+            # else: its frame was reported before; this is a redelivery's echo
         elif isinstance(rec, Redelivered):
             self.counts["redelivered"] += rec.count
             self.redelivered[shard] += rec.count
@@ -134,6 +150,7 @@ class Returns:
             # The previous worker died before reporting these letters' frames: those
             # frames are delivered again, and the new outcomes are the ones that count.
             self.provisional[shard].clear()
+            self.deferred[shard].clear()
 
     def _settle_letters(self, shard: int, lane: int, end: int, keep: bool) -> None:
         """Store (``keep``) or drop the provisional letters of frames up to ``end`` in ``lane``."""
@@ -145,6 +162,17 @@ class Returns:
             else:
                 waiting.append(dl)
         self.provisional[shard] = waiting
+
+    def _settle_deferred(self, shard: int, lane: int, end: int, keep: bool) -> None:
+        """Hand over (``keep``) or drop the provisional deferrals of frames up to ``end``."""
+        waiting: list[Deferred] = []
+        for rec in self.deferred[shard]:
+            if rec.lane == lane and rec.frame_end <= end:
+                if keep:
+                    self.on_deferred(shard, rec)
+            else:
+                waiting.append(rec)
+        self.deferred[shard] = waiting
 
     def _log_attempt(self, shard: int, rec: AttemptFailed) -> None:
         """The WARNING line of a failed attempt (the worker rate-limited them already)."""
@@ -235,3 +263,7 @@ class Returns:
                 fut.set_exception(EngineClosed("the engine stopped before the reply came"))
         self.futures.clear()
         self.dead.close()
+
+
+def _refuse_deferred(shard: int, rec: Deferred) -> None:
+    raise EngineError(f"worker {shard} handed back message {rec.message.id} with nobody to hold it")

@@ -56,6 +56,10 @@ def build_stats(
         "retried": worker_counts.get("retried", 0),
         "frames_skipped": worker_counts.get("frames_skipped", 0),  # corrupt headers passed
         "redelivered": c["redelivered"],
+        # Out of the rings for a long retry (ENGINE_MAX_RETRY_HOLD_S): held by the
+        # dispatcher now (in flight), and handed back by workers in all.
+        "deferred": d.deferrals.held,
+        "deferrals": c["deferrals"],
         "queue_depth": depth,
         "ring_fill": ring_fill,
         "batches": batches,

@@ -102,6 +102,11 @@ class EngineCollector(Collector):
         yield GaugeMetricFamily(
             "engine_in_flight_messages", "Submitted and not yet settled.", value=s["in_flight"]
         )
+        yield GaugeMetricFamily(
+            "engine_deferred_messages",
+            "Held by the dispatcher out of the rings for a long retry (in flight).",
+            value=s.get("deferred", 0),
+        )
         depth = GaugeMetricFamily(
             "engine_queue_depth_messages", "Unsettled messages per lane.", labels=["lane"]
         )

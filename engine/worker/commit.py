@@ -70,12 +70,17 @@ class Committing(WorkerState):
             end = -1
             while frames and frames[0].remaining == 0:
                 t = frames.popleft()
-                d, x, e = t.counts
-                self.uncommitted -= d + x + e
-                self.out.append(FrameDone(lane, t.end, d, x, e))
+                d, x, e, f = t.counts
+                self.uncommitted -= d + x + e + f
+                self.out.append(FrameDone(lane, t.end, d, x, e, f))
                 end = t.end
             if end >= 0:
                 commits.append((lane, end))
+        if self.parked_dirty:
+            # Before the reports and commits that rely on it: the next worker of this
+            # shard must hand back what this one would have (see ShardMemory.save_parked).
+            self.parked_dirty = False
+            self.shard.save_parked(self.parked)
         if self.out:
             records, self.out = self.out, []
             chunks = self._return_frames(records)

@@ -11,8 +11,8 @@ from collections import deque
 
 from ipc.codec import Message
 
-# Outcome codes of a settled message.
-DELIVERED, DEAD_LETTERED, EXPIRED = 0, 1, 2
+# Outcome codes of a message that leaves the worker (DEFERRED: handed back to the dispatcher).
+DELIVERED, DEAD_LETTERED, EXPIRED, DEFERRED = 0, 1, 2, 3
 
 
 class FrameTrack:
@@ -25,7 +25,7 @@ class FrameTrack:
         self.end = end
         self.remaining = remaining
         self.fetched_ns = fetched_ns  # monotonic: how long it has held its lane's commits
-        self.counts = [0, 0, 0]  # delivered, dead-lettered, expired
+        self.counts = [0, 0, 0, 0]  # delivered, dead-lettered, expired, deferred
 
 
 class Pending:

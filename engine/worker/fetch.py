@@ -19,7 +19,7 @@ from collections.abc import Iterable
 import msgspec
 
 from engine.errors import CodecError
-from engine.worker.delivery import FrameTrack, Pending, RecipientLane
+from engine.worker.delivery import DEFERRED, FrameTrack, Pending, RecipientLane
 from engine.worker.lanes import _LANE_RANGE
 from engine.worker.runners import YIELD_AFTER_NS, Runners
 from engine.worker.state import HOLD_NS
@@ -137,6 +137,7 @@ class Fetching(Runners):
         if not msgs:
             self._maybe_commit(track)
             return 0
+        parked = self.parked
         if not self.is_async and not (redelivery and self.plan.careful) and self._alone(lane):
             self._deliver_now(track, msgs)
             return len(msgs)
@@ -145,6 +146,16 @@ class Fetching(Runners):
         limit = self.limit
         for i, msg in enumerate(msgs):
             p = Pending(msg, track, i)
+            if parked and (lane, msg.recipient) in parked:
+                if msg.released:
+                    # The dispatcher wrote back what it held: deliver from here on.
+                    parked.discard((lane, msg.recipient))
+                    self.parked_dirty = True
+                else:
+                    self.unsettled += 1
+                    if self._follow(p):
+                        continue
+                    self.unsettled -= 1  # too large to hand back: delivered in place
             st = states.get(msg.recipient)
             if st is None:
                 st = states[msg.recipient] = RecipientLane((lane, msg.recipient))
@@ -153,7 +164,7 @@ class Fetching(Runners):
             if st.wants_slot(limit):
                 st.avail += 1
                 ready.append(st)
-        self.unsettled += len(msgs)
+        self.unsettled += len(msgs) - track.counts[DEFERRED]
         self.wake.set()
         self._wake_runner()
         return len(msgs)

@@ -62,11 +62,18 @@ class Runners(Settling):
         deliver = self.deliver_fn
         record_start, record_settle = self.lat_start.record, self.lat_settle.record
         quarantine = self.plan.quarantine
+        parked = self.parked
         counts = track.counts
         self.unsettled += len(msgs)
         delivered = 0
         deadline = self.round_start + YIELD_AFTER_NS
         for i, msg in enumerate(msgs):
+            if parked and (lane, msg.recipient) in parked:
+                if msg.released:
+                    parked.discard((lane, msg.recipient))  # the dispatcher wrote it back
+                    self.parked_dirty = True
+                elif self._follow(Pending(msg, track, i)):
+                    continue  # handed back, behind its elders
             if msg.recipient in states or (quarantine and (lane, track.end, i) in quarantine):
                 self._queue(Pending(msg, track, i), lane)
                 continue

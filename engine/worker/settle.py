@@ -18,11 +18,19 @@ import msgspec
 from engine.backoff import backoff_s
 from engine.errors import Reject, Retry
 from engine.worker.commit import NIL, Committing
-from engine.worker.delivery import DEAD_LETTERED, DELIVERED, EXPIRED, Pending
+from engine.worker.delivery import DEAD_LETTERED, DEFERRED, DELIVERED, EXPIRED, Pending
 from engine.worker.failures import describe, exc_text, format_traceback
 from engine.worker.lanes import Lanes
 from ipc.codec import Kind, Message
-from ipc.records import MAX_ERROR_CHARS, AttemptFailed, DeadLetter, Reply, clip
+from ipc.records import (
+    MAX_ERROR_CHARS,
+    AttemptFailed,
+    DeadLetter,
+    Deferred,
+    Reply,
+    clip,
+    encode_records,
+)
 
 monotonic_ns = time.monotonic_ns
 _OUTCOMES = ("delivered", "dead_lettered", "expired")
@@ -66,8 +74,24 @@ class Settling(Lanes, Committing):
                 msg.attempt, cfg.retry_backoff_base_s, cfg.retry_backoff_max_s, rng=self.rng
             )
         msg.attempt = attempts
-        due_ns = time.monotonic_ns() + int(delay * 1e9)
-        if msg.expires_ns and due_ns >= msg.expires_ns:
+        now = time.monotonic_ns()
+        due_ns = now + int(delay * 1e9)
+        expires_first = bool(msg.expires_ns) and due_ns >= msg.expires_ns
+        if min(due_ns, msg.expires_ns or due_ns) - now > self.hold_ns:
+            rec = self._hand_back_record(p, due_ns)
+            queued = None if rec is None else self._park(p)
+            if rec is not None and queued is not None:
+                # A long wait would pin the ring (a lane commits in order): the dispatcher
+                # holds the message, and the recipient's later ones, until it is due (or
+                # expires), so the ring commits past them.
+                self._report_failure(msg, exc, -1.0 if expires_first else delay)
+                self.counters["retried"] += 1
+                self._send_back(p, rec)
+                for q, follower in queued:
+                    self._careful_skip(q)
+                    self._send_back(q, follower)
+                return
+        if expires_first:
             # It would expire before its retry: never deliver it again, settle at expiry.
             self._report_failure(msg, exc, -1.0)
             self.timed += 1
@@ -124,6 +148,68 @@ class Settling(Lanes, Committing):
         self.timed -= 1
         self.settle(p, EXPIRED, now)
 
+    def _park(self, p: Pending) -> list[tuple[Pending, Deferred]] | None:
+        """Start handing ``p``'s recipient back; returns its queued messages, to follow ``p``.
+
+        None (the retry then waits in the ring as before) only if the parked set
+        would not fit the shard's slot, where the next worker of the shard reads it.
+        A queued message too large to hand back stays queued (see ``_follow``).
+        """
+        key = (p.frame.lane, p.msg.recipient)
+        if key not in self.parked:
+            if not self.shard.parked_fits(self.parked | {key}):
+                return None
+            self.parked.add(key)
+            self.parked_dirty = True
+        st = p.state
+        if st is None or not st.queue:
+            return []
+        out: list[tuple[Pending, Deferred]] = []
+        kept: list[Pending] = []
+        for q in st.queue:
+            rec = self._hand_back_record(q, 0)
+            if rec is None:
+                kept.append(q)
+            else:
+                q.state = None
+                out.append((q, rec))
+        st.queue.clear()
+        st.queue.extend(kept)
+        ready = self.ready[key[0]]
+        for _ in range(st.avail):
+            ready.remove(st)
+        st.avail = 0  # settling ``p`` offers what was kept again
+        return out
+
+    def _follow(self, p: Pending) -> bool:
+        """A message of a parked recipient: handed back behind the ones before it.
+
+        False if it is too large for a return-ring frame as a `Deferred` record (a
+        message near the lane ring's limit with a smaller ENGINE_RETURN_RING_BYTES):
+        then it is delivered in its ring place, ahead of the held ones (README).
+        """
+        rec = self._hand_back_record(p, 0)
+        if rec is None:
+            return False
+        self._careful_skip(p)
+        self._send_back(p, rec)
+        return True
+
+    def _careful_skip(self, p: Pending) -> None:
+        """Overridden by the runners (careful mode's count of the redelivery window)."""
+
+    def _hand_back_record(self, p: Pending, due_ns: int) -> Deferred | None:
+        """The `Deferred` record of ``p``, or None if no return-ring frame can carry it."""
+        rec = Deferred(p.msg, due_ns, p.frame.lane, p.frame.end)
+        if len(encode_records([rec])) > self.returns.ring.max_payload:
+            return None
+        return rec
+
+    def _send_back(self, p: Pending, rec: Deferred) -> None:
+        """Hand ``p`` back to the dispatcher and settle it in the ring (the ring moves on)."""
+        self.out.append(rec)
+        self.settle(p, DEFERRED, time.monotonic_ns())
+
     def dead_letter(self, p: Pending, reason: str, error: str, tb: str = "") -> None:
         msg = p.msg
         if not isinstance(error, str):  # Reject(reason) is the handler's value: any type
@@ -142,9 +228,10 @@ class Settling(Lanes, Committing):
         track = p.frame
         track.counts[outcome] += 1
         track.remaining -= 1
-        self.counters[_OUTCOMES[outcome]] += 1
-        if p.msg.created_ns:
-            self.lat_settle.record(now - p.msg.created_ns)
+        if outcome != DEFERRED:
+            self.counters[_OUTCOMES[outcome]] += 1
+            if p.msg.created_ns:
+                self.lat_settle.record(now - p.msg.created_ns)
         self.unsettled -= 1
         st = p.state
         if st is not None:

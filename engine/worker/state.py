@@ -102,6 +102,14 @@ class WorkerState:
         # others (README: where duplicates come from).
         self.uncommitted = 0
         self.timed = 0
+        # (lane, recipient) pairs whose messages are handed back to the dispatcher, in
+        # order, while one of them waits out a long retry there (settle: _park); kept in
+        # the shard's slot so the next worker of the shard goes on where this one stops.
+        self.parked: set[tuple[int, str]] = shard.load_parked()
+        self.parked_dirty = False
+        self.hold_ns = (
+            int(config.max_retry_hold_s * 1e9) if not config.broker else 1 << 62
+        )  # cluster mode: an entry is acked once its frame settles, so nothing leaves a ring
         self.out: list[ReturnRecord] = [WorkerStarted(os.getpid())]
         self.commit_dirty = [False] * LANES
         self.higher_streak = 0

@@ -2,7 +2,8 @@
 
 Each delivery appends ``[recipient, body, message id]`` as a JSON line to
 ``$BROKER_TEST_OUT/<pid>.jsonl``.  ``{"reject": 1}`` payloads are rejected
-while ``$BROKER_TEST_OUT/reject_on`` exists; requests get their body back.
+while ``$BROKER_TEST_OUT/reject_on`` exists; ``{"retry": s}`` asks for a retry in ``s``
+seconds on its first attempt; requests get their body back.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import os
 from pathlib import Path
 from typing import IO, Any
 
-from engine import Reject
+from engine import Reject, Retry
 from ipc.codec import Message
 
 OUT_ENV = "BROKER_TEST_OUT"
@@ -32,6 +33,8 @@ def record(msg: Message) -> Any:
     rejecting = (Path(os.environ[OUT_ENV]) / "reject_on").exists()
     if isinstance(body, dict) and body.get("reject") and rejecting:
         raise Reject("rejected on purpose")
+    if isinstance(body, dict) and body.get("retry") and msg.attempt == 0:
+        raise Retry(after=body["retry"])
     f = _out()
     f.write(json.dumps([msg.recipient, body, msg.id]) + "\n")
     f.flush()

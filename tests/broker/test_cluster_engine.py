@@ -125,6 +125,24 @@ def test_request_settled_submit_and_dedup(
     asyncio.run(main())
 
 
+def test_a_long_retry_stays_in_the_ring_in_cluster_mode(
+    redis_server: RedisServer, namespace: str, out: Path
+) -> None:
+    """ENGINE_MAX_RETRY_HOLD_S is ignored in cluster mode: an entry is acked once its
+    messages settle, so a waiting message must not leave the node's ring (README)."""
+
+    async def main() -> dict[str, Any]:
+        cfg = node_config(redis_server.url, namespace, max_retry_hold_s=0.1)
+        async with Engine(HANDLER, cfg) as eng:
+            await eng.submit_many([("W", {"retry": 0.5, "n": 0}), ("W", {"n": 1})])
+            await until(lambda: len(read(out)) >= 2)
+            return eng.stats()
+
+    stats = asyncio.run(main())
+    assert [b["n"] for _, b, _ in read(out)] == [0, 1]
+    assert stats["deferrals"] == 0
+
+
 async def _timeout_request(eng: Engine) -> Any:
     """A request whose partition nobody owns (fence closed by hand) times out cleanly."""
     assert eng.cluster is not None

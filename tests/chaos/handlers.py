@@ -6,6 +6,8 @@ The payload is ``[uid, seq]`` or ``[uid, seq, opts]``; ``opts`` steers one messa
   ``record_async`` and ``answer``) after recording the start;
 - ``"f": 1`` -- fail every attempt (recorded as FAILED, then raise);
 - ``"p": 1`` -- poison: record POISONED, then kill the worker process (``os._exit``);
+- ``"r": s`` -- the first attempt (the first ``"rn"`` attempts) asks for a retry in ``s``
+  seconds (recorded as FAILED, then ``raise Retry(after=s)``); the next one is delivered;
 - anything else (e.g. ``"pad"``) is ignored.
 
 Every call is recorded (see ``tests.chaos.recorder``) before the handler returns.
@@ -18,6 +20,7 @@ import os
 import time
 from typing import Any
 
+from engine.errors import Retry
 from ipc.codec import Message
 from tests.chaos import recorder
 
@@ -46,6 +49,9 @@ def _steer(msg: Message, uid: int, seq: int, opts: dict[str, Any]) -> None:
     if opts.get("f"):
         _record(msg, uid, seq, recorder.FAILED)
         raise ChaosFailure(f"attempt {msg.attempt} of uid {uid} fails on purpose")
+    if opts.get("r") and msg.attempt < opts.get("rn", 1):
+        _record(msg, uid, seq, recorder.FAILED)
+        raise Retry(after=opts["r"])
 
 
 def record(msg: Message) -> None:

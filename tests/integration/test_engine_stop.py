@@ -11,6 +11,7 @@ The service's stop line gives every outcome, with the engine's own figures.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -102,6 +103,24 @@ def test_an_error_leaving_the_block_is_not_replaced(caplog: pytest.LogCaptureFix
     with pytest.raises(ValueError, match="the caller's own error"):
         asyncio.run(main())
     check_abandoned(eng, eng.stats()["abandoned"], caplog)
+
+
+def test_a_stop_with_a_full_ring_leaves_no_flush_behind(caplog: pytest.LogCaptureFixture) -> None:
+    """Messages still buffered for a full ring at stop are abandoned, and nothing keeps
+    trying to write them to the unmapped ring afterwards (it used to, in a loop)."""
+
+    async def main() -> dict[str, Any]:
+        eng = Engine(None, config(**SLOW, ring_bytes=65536), abandon_ok=True)
+        async with eng:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(1.0):  # far more than the ring holds
+                    await eng.submit_many([(f"slow-{i % 4}", "x" * 200) for i in range(20000)])
+        await asyncio.sleep(0.3)  # the loop runs on after the stop, as an application's does
+        return eng.stats()
+
+    s = asyncio.run(main())
+    assert s["abandoned"] > 0
+    assert errors(caplog, "flushing a lane failed") == []
 
 
 def test_stop_returns_the_count_and_a_fast_stop_says_so(caplog: pytest.LogCaptureFixture) -> None:

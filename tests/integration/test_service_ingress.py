@@ -277,6 +277,13 @@ def test_a_bad_handshake_gets_an_error_and_the_connection_closes(
     assert bad == (0 if auth else 1)
 
 
+def test_metrics_and_stats_show_the_messages_held_for_a_retry(svc: ServiceProc) -> None:
+    """``engine_deferred_messages``: held out of the rings for a long retry (none here)."""
+    samples = scrape(svc)
+    stats = get_json(svc, "/stats", TOKEN)
+    assert metric(samples, "engine_deferred_messages") == stats["deferred"] == 0
+
+
 @pytest.mark.parametrize(
     ("body", "reason"),
     [
