@@ -158,7 +158,8 @@ def test_a_restarted_service_keeps_its_mirrored_letters_and_replay_keeps_the_bad
             "kept_reasons": {"malformed": 1, "payload_dropped": 1},
         }
         letters = _letters(svc)
-        assert set(letters) == {0, 777}
+        # Only the two kept of the restored ones (the replayed may be rejected anew already).
+        assert {i for i in letters if i <= 777} == {0, 777}
         assert "dropped for size" in letters[777]["replay_error"]
         # Rejected again, as new messages numbered above every restored id.
         svc.wait_stats(lambda s: s["dead_lettered"] == 4 and s["in_flight"] == 0)
