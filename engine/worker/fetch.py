@@ -43,6 +43,8 @@ class Fetching(Runners):
         taken = 0
         consumers = self.consumers
         rings = self.shard.lanes
+        ready = self.ready
+        sync = not self.is_async
         self.round_start = monotonic_ns()
         while taken < max_frames and not self.window_full() and not self.stopping:
             if monotonic_ns() - self.round_start > YIELD_AFTER_NS:
@@ -55,6 +57,12 @@ class Fetching(Runners):
                 order = reversed(_LANE_RANGE)
                 self.fetch_streak = 0
             for lane in order:
+                if sync and ready[lane] and rings[lane].pending_bytes():
+                    # Sync sinks: this lane has a ready backlog (a frame the fast path
+                    # ran out of time on).  Its next frame would join the backlog and
+                    # the lane would stay on the queued path for good: let the inline
+                    # runner drain it first (the reader yields), then fetch on.
+                    return max_frames
                 frames, ends = consumers[lane].drain(max_frames=1)
                 if frames:
                     lower = any(rings[x].pending_bytes() for x in range(lane + 1, LANES))
@@ -112,9 +120,11 @@ class Fetching(Runners):
             if st is None:
                 st = states[msg.recipient] = RecipientLane((lane, msg.recipient))
             p.state = st
-            st.queue.append(p)
-            if st.wants_slot(limit):
-                st.avail += 1
+            queue = st.queue
+            queue.append(p)
+            avail = st.avail
+            if avail < len(queue) and st.busy + avail < limit:  # st.wants_slot(limit), inlined
+                st.avail = avail + 1
                 ready.append(st)
         self.unsettled += len(msgs)
         self.wake.set()
