@@ -118,12 +118,14 @@ class Dispatcher:
         try:
             for _, recipient, lane, data in outs:
                 shard = cached(recipient)
-                buf = buffers[shard_of(recipient) if shard is None else shard][lane]
+                if shard is None:
+                    shard = shard_of(recipient)
+                buf = buffers[shard][lane]
                 buf.append(data)
                 lane_submitted[lane] += 1
                 appended += 1
                 if len(buf) >= size:
-                    await self.flush(buf)
+                    await self._flush_lane(shard, lane, size)  # what flush(buf) would do
         finally:
             # Cancelled while a flush waited: what was not appended was never submitted.
             self.counts["submitted"] -= len(outs) - appended
