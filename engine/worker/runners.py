@@ -154,48 +154,61 @@ class Runners(Settling):
     def start_delivery(self, p: Pending) -> Any:
         """Pre-checks before a delivery: the start time (ns), or _SETTLED if it settled here."""
         msg = p.msg
-        now = time.monotonic_ns()
-        if msg.expires_ns and now >= msg.expires_ns:
+        now = monotonic_ns()
+        expires = msg.expires_ns
+        if expires and now >= expires:
             self._careful_skip(p)
             self.settle(p, EXPIRED, now)
             return _SETTLED
-        if (p.frame.lane, p.frame.end, p.index) in self.plan.quarantine:
+        quarantine = self.plan.quarantine
+        if quarantine and (p.frame.lane, p.frame.end, p.index) in quarantine:
             self._careful_skip(p)
             self.dead_letter(p, "worker_crash", f"worker crashed {self.plan.crashes} times on it")
             return _SETTLED
-        if msg.created_ns:
-            self.lat_start.record(now - msg.created_ns)
+        created = msg.created_ns
+        if created:
+            self.lat_start.record(now - created)
         return now
 
-    async def _next_delivery(self) -> tuple[Pending, int] | None:
-        """The next message for the sink and its start time (ns); None once stopped and settled.
+    def _take(self) -> tuple[Pending, int] | None:
+        """The next message for the sink and its start time (ns), if one is ready now.
 
-        Shared by both runners: waits for work, and settles expired or quarantined
-        messages itself without handing them out.
+        Settles expired or quarantined messages itself without handing them out.
+        Plain code, no await: a runner with work waiting takes it without a
+        coroutine call, and waits (``_next_delivery``) only when there is none.
         """
-        while True:
-            p = self.next_pending()
-            if p is None:
-                if self.stopping and self.unsettled == 0:
-                    self._wake_runner(every=True)
-                    return None
-                parked = asyncio.get_running_loop().create_future()
-                self.idle_runners.append(parked)
-                await parked
-                continue
+        while (p := self.next_pending()) is not None:
             if self.idle_runners and (self.due or any(self.ready)):
                 self._wake_runner()  # more work than this runner: pass the baton on
             started = self.start_delivery(p)
             if started is not _SETTLED:
                 self._mark(p)
                 return p, started
+        return None
+
+    async def _next_delivery(self) -> tuple[Pending, int] | None:
+        """The next message for the sink and its start time (ns); None once stopped and settled.
+
+        Shared by both runners: waits for work (see ``_take``).
+        """
+        while True:
+            job = self._take()
+            if job is not None:
+                return job
+            if self.stopping and self.unsettled == 0:
+                self._wake_runner(every=True)
+                return None
+            parked = asyncio.get_running_loop().create_future()
+            self.idle_runners.append(parked)
+            await parked
 
     async def inline_runner(self) -> None:
         """Sync sinks: deliver in order on the loop, no coroutine per message."""
         deliver = self.deliver_fn
         done = 0
         last_yield = monotonic_ns()
-        while (job := await self._next_delivery()) is not None:
+        take, wait = self._take, self._next_delivery
+        while (job := take() or await wait()) is not None:
             p = job[0]
             try:
                 result = deliver(p.msg)
@@ -218,12 +231,14 @@ class Runners(Settling):
         deliver = self.deliver_fn
         task = asyncio.current_task()
         assert task is not None
-        while (job := await self._next_delivery()) is not None:
+        take, wait = self._take, self._next_delivery
+        timeout_ns = self.timeout_ns
+        while (job := take() or await wait()) is not None:
             p, started = job
-            slot[0] = started + self.timeout_ns
+            slot[0] = started + timeout_ns
             try:
                 result = deliver(p.msg)
-                if _awaitable(result):
+                if type(result) is _Coroutine or (result is not None and _awaitable(result)):
                     result = await result
             except asyncio.CancelledError as exc:
                 if slot[1] == 1:

@@ -26,6 +26,7 @@ from ipc.records import AttemptFailed, DeadLetter, Reply
 
 monotonic_ns = time.monotonic_ns
 _OUTCOMES = ("delivered", "dead_lettered", "expired")
+_REQUEST = Kind.REQUEST
 _encoder = msgspec.msgpack.Encoder()
 
 
@@ -34,7 +35,7 @@ class Settling(Lanes, Committing):
 
     def finish(self, p: Pending, result: Any) -> None:
         msg = p.msg
-        if msg.kind == Kind.REQUEST and msg.correlation_id:
+        if msg.correlation_id and msg.kind == _REQUEST:
             self._reply(msg, result)
         self.settle(p, DELIVERED, monotonic_ns())
 
@@ -141,17 +142,19 @@ class Settling(Lanes, Committing):
         track.counts[outcome] += 1
         track.remaining -= 1
         self.counters[_OUTCOMES[outcome]] += 1
-        if p.msg.created_ns:
-            self.lat_settle.record(now - p.msg.created_ns)
+        created = p.msg.created_ns
+        if created:
+            self.lat_settle.record(now - created)
         self.unsettled -= 1
         st = p.state
         if st is not None:
-            st.busy -= 1
-            if st.wants_slot(self.limit):
-                st.avail += 1
+            busy = st.busy = st.busy - 1
+            avail, queue = st.avail, st.queue
+            if avail < len(queue) and busy + avail < self.limit:  # st.wants_slot(), inlined
+                st.avail = avail + 1
                 self.ready[st.key[0]].append(st)
                 self._wake_runner()
-            elif st.idle():
+            elif not queue and not busy and not avail:  # st.idle(), inlined
                 del self.lanes[st.key[0]][st.key[1]]
         if track.remaining == 0:
             self._maybe_commit(track)
