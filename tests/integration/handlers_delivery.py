@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import gc
 import json
 import os
 import random
@@ -174,3 +175,8 @@ def which_path(msg: Message) -> dict[str, int] | None:
     if body.get("sleep"):
         time.sleep(body["sleep"])
     return None
+
+
+def gc_settings(msg: Message) -> list[int]:
+    """Answers with the worker's GC threshold of generation 0 and its frozen object count."""
+    return [gc.get_threshold()[0], gc.get_freeze_count()]

@@ -46,6 +46,7 @@ RECORD_ASYNC = f"{H}:record_async"
 ANSWER = f"{H}:answer"
 ALWAYS_FAIL = f"{H}:always_fail"
 WHICH_PATH = f"{H}:which_path"
+GC_SETTINGS = f"{H}:gc_settings"
 DRAIN_S = 120.0
 # Scheduling slack on top of a backoff ceiling: 2 shared cores, timers, process hops.
 SCHED_MARGIN_S = 0.5
@@ -206,6 +207,21 @@ def test_sync_fast_path_resumes_after_a_slow_frame(out: Path) -> None:
     # Only the slow frame's own remainder may go through the inline runner.
     assert paths.get("inline_runner", 0) <= batch - 1, paths
     assert paths["_deliver_now"] >= batch * (frames - 1) + 1, paths
+
+
+def test_workers_keep_startup_objects_out_of_the_cyclic_gc(out: Path) -> None:
+    """Each worker freezes what it holds at startup and collects its young generation
+    rarely (it allocates a few objects per message, nearly none in cycles)."""
+    from engine.worker.main import WORKER_GC_THRESHOLD
+
+    async def main() -> list[int]:
+        async with Engine(GC_SETTINGS, config(workers=1)) as eng:
+            got: list[int] = await eng.request("probe", None, timeout=30)
+            return got
+
+    threshold, frozen = asyncio.run(main())
+    assert threshold == WORKER_GC_THRESHOLD > 700  # CPython's default is 700
+    assert frozen > 1000  # the modules, the handler, the worker's state
 
 
 # -- 2. conservation in every snapshot ------------------------------------------------------
