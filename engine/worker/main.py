@@ -69,6 +69,7 @@ class Worker(Fetching):
             await asyncio.sleep(tick)
 
     def snapshot(self) -> StatsSnapshot:
+        self.flush_latencies()
         return StatsSnapshot(
             worker=self.index,
             pid=os.getpid(),

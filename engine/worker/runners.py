@@ -19,6 +19,7 @@ from typing import Any
 
 from engine.worker.delivery import DELIVERED, EXPIRED, FrameTrack, Pending, RecipientLane
 from engine.worker.settle import Settling
+from engine.worker.state import LATENCY_BUFFER
 from ipc.codec import Kind, Message
 from ipc.shard import SLOT_ACTIVE, SLOT_FRAME_END, SLOT_INDEX, SLOT_LANE
 
@@ -167,7 +168,11 @@ class Runners(Settling):
             return _SETTLED
         created = msg.created_ns
         if created:
-            self.lat_start.record(now - created)
+            starts = self.starts_ns
+            starts.append(now - created)
+            if len(starts) >= LATENCY_BUFFER:
+                self.lat_start.record_many(starts)
+                starts.clear()
         return now
 
     def _take(self) -> tuple[Pending, int] | None:

@@ -21,6 +21,7 @@ from engine.worker.commit import NIL, Committing
 from engine.worker.delivery import DEAD_LETTERED, DELIVERED, EXPIRED, Pending
 from engine.worker.failures import format_traceback
 from engine.worker.lanes import Lanes
+from engine.worker.state import LATENCY_BUFFER
 from ipc.codec import Kind, Message
 from ipc.records import AttemptFailed, DeadLetter, Reply
 
@@ -144,7 +145,11 @@ class Settling(Lanes, Committing):
         self.counters[_OUTCOMES[outcome]] += 1
         created = p.msg.created_ns
         if created:
-            self.lat_settle.record(now - created)
+            settles = self.settles_ns
+            settles.append(now - created)
+            if len(settles) >= LATENCY_BUFFER:
+                self.lat_settle.record_many(settles)
+                settles.clear()
         self.unsettled -= 1
         st = p.state
         if st is not None:
