@@ -114,11 +114,18 @@ class Fetching(Runners):
         states = self.lanes[lane]
         ready = self.ready[lane]
         limit = self.limit
+        spare = self.spare_lanes
         for i, msg in enumerate(msgs):
             p = Pending(msg, track, i)
-            st = states.get(msg.recipient)
+            recipient = msg.recipient
+            st = states.get(recipient)
             if st is None:
-                st = states[msg.recipient] = RecipientLane((lane, msg.recipient))
+                if spare:  # an idle FIFO settle gave back: no new object and deque
+                    st = spare.pop()
+                    st.key = (lane, recipient)
+                else:
+                    st = RecipientLane((lane, recipient))
+                states[recipient] = st
             p.state = st
             queue = st.queue
             queue.append(p)

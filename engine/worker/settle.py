@@ -21,7 +21,7 @@ from engine.worker.commit import NIL, Committing
 from engine.worker.delivery import DEAD_LETTERED, DELIVERED, EXPIRED, Pending
 from engine.worker.failures import format_traceback
 from engine.worker.lanes import Lanes
-from engine.worker.state import LATENCY_BUFFER
+from engine.worker.state import LATENCY_BUFFER, SPARE_LANES
 from ipc.codec import Kind, Message
 from ipc.records import AttemptFailed, DeadLetter, Reply
 
@@ -161,6 +161,8 @@ class Settling(Lanes, Committing):
                 self._wake_runner()
             elif not queue and not busy and not avail:  # st.idle(), inlined
                 del self.lanes[st.key[0]][st.key[1]]
+                if len(self.spare_lanes) < SPARE_LANES:
+                    self.spare_lanes.append(st)  # reused by _accept for the next recipient
         if track.remaining == 0:
             self._maybe_commit(track)
         if self.out:

@@ -45,6 +45,9 @@ WORKER_COUNTERS = (
 """What a worker counts and reports in its StatsSnapshot; the monitor sums these."""
 LATENCY_BUFFER = 256
 """Latencies buffered before they are counted into a histogram in one call."""
+SPARE_LANES = 1024
+"""Idle recipient FIFOs kept for reuse (an async worker makes and drops one per message)."""
+"""Latencies buffered before they are counted into a histogram in one call."""
 
 
 @dataclass
@@ -86,6 +89,7 @@ class WorkerState:
         self.lanes: list[dict[str, RecipientLane]] = [{} for _ in range(LANES)]
         self.ready: list[deque[RecipientLane]] = [deque() for _ in range(LANES)]
         self.due: deque[Pending] = deque()  # retries whose backoff ended
+        self.spare_lanes: list[RecipientLane] = []  # idle FIFOs for reuse (settle, _accept)
         self.unsettled = 0
         # Fetched and not yet committed (settled ones included: a lane commits in
         # frame order).  Fetching also stops at ``window`` of these, so a crash
