@@ -10,6 +10,7 @@ first array element and validates the rest.
 from __future__ import annotations
 
 import math
+from bisect import bisect_left, bisect_right
 from fractions import Fraction
 from typing import Annotated, Final, Literal, Protocol
 
@@ -116,6 +117,50 @@ class Histogram(msgspec.Struct, array_like=True):
         self.sum_ns += ns
         if ns > self.max_ns:  # noqa: PLR1730 - see above
             self.max_ns = ns
+
+    def record_many(self, values: list[int]) -> None:
+        """Count many latencies (ns) at once: exactly what ``record`` of each would count.
+
+        The worker's sync fast path feeds a whole frame's latencies here: one call
+        per frame instead of two per message.  ``values`` is sorted in place (a
+        frame's latencies nearly are already), then each bucket's share is
+        counted with a bisection, so the Python work is per bucket touched (a
+        handful per frame), not per value.
+        """
+        if not values:
+            return
+        values.sort()
+        n = len(values)
+        total = sum(values)
+        i = bisect_left(values, 0)
+        if i:  # negative values count as 0
+            total -= sum(values[:i])
+            self._add(0, i)
+        top = bisect_right(values, MAX_TRACKABLE_NS, i)
+        if top < n:  # huge values count as the cap
+            total -= sum(values[top:]) - (n - top) * MAX_TRACKABLE_NS
+            self._add(_MAX_INDEX, n - top)
+        while i < top:
+            ns = values[i]
+            if ns < SUB_BUCKETS:
+                b, upper = ns, ns + 1
+            else:  # bucket_index() and bucket_bounds() inlined
+                shift = ns.bit_length() - 1 - _SUB_BITS
+                b = ((shift + 1) << _SUB_BITS) + (ns >> shift) - SUB_BUCKETS
+                upper = ((ns >> shift) + 1) << shift
+            j = bisect_left(values, upper, i, top)
+            self._add(b, j - i)
+            i = j
+        self.sum_ns += total
+        high = MAX_TRACKABLE_NS if top < n else values[top - 1] if top else 0
+        if high > self.max_ns:  # noqa: PLR1730 - comparisons, as in record()
+            self.max_ns = high
+
+    def _add(self, index: int, count: int) -> None:
+        buckets = self.buckets
+        if index >= len(buckets):
+            buckets.extend([0] * (index + 1 - len(buckets)))
+        buckets[index] += count
 
     def merge(self, other: Histogram) -> None:
         """Add `other`'s counts into this histogram (in place, like set.update)."""

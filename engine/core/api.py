@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import operator
 from collections.abc import Iterable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
     from engine.core.supervisor import MonitorSupervisor
 
 SUBMIT_CHUNK = 4096  # submit_many validates and queues this many at a time
+_FIRST = operator.itemgetter(0)
 
 
 class EngineAPI:
@@ -194,7 +196,7 @@ class EngineAPI:
                 continue
             outs = self._build(chunk, opts, raw_checked, len(ids))
             await d.enqueue_many(outs)
-            ids.extend(m[0] for m in outs)
+            ids += map(_FIRST, outs)  # the ids, without a generator per message
             if settled:
                 marks += await d.settle_marks(outs)
         return ids, marks

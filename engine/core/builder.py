@@ -87,6 +87,9 @@ def pack_frames(items: list[bytes], size: int, max_bytes: int) -> list[tuple[byt
 
     Returns (frame, number of messages in it) pairs.
     """
+    if len(items) <= size and 5 + sum(map(len, items)) <= max_bytes:
+        # The common case, one frame: lengths summed in C, no loop per message.
+        return [(array_header(len(items)) + b"".join(items), len(items))]
     frames: list[tuple[bytes, int]] = []
     start, total = 0, 5
     for i, item in enumerate(items):
@@ -174,22 +177,31 @@ class MessageBuilder:
         cannot be spoiled; bad UTF-8 inside fails that message's ``body()`` only.
         """
         prio, knd, ttl_ns, sender, cid, reply_to, tags, meta, dedup, user = opts
-        ids, enc, limit = self.ids, _encode, self.max_message_bytes
+        enc, limit = _encode, self.max_message_bytes
         out: list[Outgoing] = []
-        for recipient, payload in items:
+        append = out.append
+        # One clock read per call: the messages of one call are created together.
+        created = monotonic_ns()
+        expires = created + ttl_ns if ttl_ns else 0
+        checked: object = None  # the last Raw checked: a broadcast repeats one payload
+        # A plain int, not the Priority member: a tuple of atomic values only is
+        # untracked by the cyclic GC at its first collection, while one holding an
+        # enum member (a class instance) stays tracked and is scanned again and
+        # again while the buffers hold it (measured: ~0.4 µs a message).
+        lane = int(prio)
+        for (recipient, payload), mid in zip(items, self.ids, strict=False):
             if type(recipient) is not str or not recipient:
                 raise ValueError(f"recipient must be a non-empty string, got {recipient!r}")
             if type(payload) is msgspec.Raw:
-                if not raw_checked:
+                if not (raw_checked or payload is checked):
                     check_raw(payload)  # a bad Raw would spoil its whole batch frame
+                    checked = payload
                 raw = payload
             else:
                 raw = pack_payload(payload)
-            created = monotonic_ns()
-            mid = next(ids)
             data = enc(
                 (mid, recipient, sender, knd, prio, raw, created,
-                 created + ttl_ns if ttl_ns else 0, 0, cid, reply_to, tags, meta, dedup, user)
+                 expires, 0, cid, reply_to, tags, meta, dedup, user)
             )  # fmt: skip
             if len(data) > limit:
                 raise FrameTooLargeError(
@@ -197,5 +209,5 @@ class MessageBuilder:
                     f"ENGINE_RING_BYTES={self.config.ring_bytes:,} carries at most "
                     f"{limit:,} per message"
                 )
-            out.append((mid, recipient, prio, data))
+            append((mid, recipient, lane, data))
         return out

@@ -163,7 +163,7 @@ class Dispatcher:
                 lane_submitted[lane] += 1
                 appended += 1
                 if len(buf) >= size:
-                    await self.flush(buf)
+                    await self._flush_lane(shard, lane, size)  # what flush(buf) would do
         finally:
             # Cancelled while a flush waited: what was not appended was never submitted.
             self.counts["submitted"] -= len(outs) - appended

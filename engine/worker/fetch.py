@@ -46,6 +46,8 @@ class Fetching(Runners):
         taken = 0
         consumers = self.consumers
         rings = self.shard.lanes
+        ready = self.ready
+        sync = not self.is_async
         self.round_start = monotonic_ns()
         while taken < max_frames and not self.window_full() and not self.stopping:
             if monotonic_ns() - self.round_start > YIELD_AFTER_NS:
@@ -58,6 +60,12 @@ class Fetching(Runners):
                 order = reversed(_LANE_RANGE)
                 self.fetch_streak = 0
             for lane in order:
+                if sync and ready[lane] and rings[lane].pending_bytes():
+                    # Sync sinks: this lane has a ready backlog (a frame the fast path
+                    # ran out of time on).  Its next frame would join the backlog and
+                    # the lane would stay on the queued path for good: let the inline
+                    # runner drain it first (the reader yields), then fetch on.
+                    return max_frames
                 try:
                     frames, ends = consumers[lane].drain(max_frames=1)
                 except CorruptFrameError as exc:
@@ -144,6 +152,7 @@ class Fetching(Runners):
         states = self.lanes[lane]
         ready = self.ready[lane]
         limit = self.limit
+        spare = self.spare_lanes
         for i, msg in enumerate(msgs):
             p = Pending(msg, track, i)
             if parked and (lane, msg.recipient) in parked:
@@ -156,13 +165,21 @@ class Fetching(Runners):
                     if self._follow(p):
                         continue
                     self.unsettled -= 1  # too large to hand back: delivered in place
-            st = states.get(msg.recipient)
+            recipient = msg.recipient
+            st = states.get(recipient)
             if st is None:
-                st = states[msg.recipient] = RecipientLane((lane, msg.recipient))
+                if spare:  # an idle FIFO settle gave back: no new object and deque
+                    st = spare.pop()
+                    st.key = (lane, recipient)
+                else:
+                    st = RecipientLane((lane, recipient))
+                states[recipient] = st
             p.state = st
-            st.queue.append(p)
-            if st.wants_slot(limit):
-                st.avail += 1
+            queue = st.queue
+            queue.append(p)
+            avail = st.avail
+            if avail < len(queue) and st.busy + avail < limit:  # st.wants_slot(limit), inlined
+                st.avail = avail + 1
                 ready.append(st)
         self.unsettled += len(msgs) - track.counts[DEFERRED]
         self.wake.set()

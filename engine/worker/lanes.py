@@ -46,14 +46,19 @@ class Lanes(WorkerState):
         if self.due:
             return self.due.popleft()
         ready = self.ready
-        nonempty = [lane for lane in _LANE_RANGE if ready[lane]]
-        if not nonempty:
+        # The highest and the lowest non-empty lane, without building a list.
+        chosen = lowest = -1
+        for lane in _LANE_RANGE:
+            if ready[lane]:
+                if chosen < 0:
+                    chosen = lane
+                lowest = lane
+        if chosen < 0:
             return None
-        chosen = nonempty[0]
-        if len(nonempty) == 1:
+        if lowest == chosen:
             self.higher_streak = 0
         elif self.higher_streak >= self.config.starvation_limit:
-            chosen = nonempty[-1]  # the lowest waiting lane gets its turn
+            chosen = lowest  # the lowest waiting lane gets its turn
             self.higher_streak = 0
         else:
             self.higher_streak += 1

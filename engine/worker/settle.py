@@ -21,6 +21,7 @@ from engine.worker.commit import NIL, Committing
 from engine.worker.delivery import DEAD_LETTERED, DEFERRED, DELIVERED, EXPIRED, Pending
 from engine.worker.failures import describe, exc_text, format_traceback
 from engine.worker.lanes import Lanes
+from engine.worker.state import LATENCY_BUFFER, SPARE_LANES
 from ipc.codec import Kind, Message
 from ipc.records import (
     MAX_ERROR_CHARS,
@@ -34,6 +35,7 @@ from ipc.records import (
 
 monotonic_ns = time.monotonic_ns
 _OUTCOMES = ("delivered", "dead_lettered", "expired")
+_REQUEST = Kind.REQUEST
 _encoder = msgspec.msgpack.Encoder()
 
 
@@ -42,7 +44,7 @@ class Settling(Lanes, Committing):
 
     def finish(self, p: Pending, result: Any) -> None:
         msg = p.msg
-        if msg.kind == Kind.REQUEST and msg.correlation_id:
+        if msg.correlation_id and msg.kind == _REQUEST:
             self._reply(msg, result)
         self.settle(p, DELIVERED, monotonic_ns())
 
@@ -230,18 +232,26 @@ class Settling(Lanes, Committing):
         track.remaining -= 1
         if outcome != DEFERRED:
             self.counters[_OUTCOMES[outcome]] += 1
-            if p.msg.created_ns:
-                self.lat_settle.record(now - p.msg.created_ns)
+            created = p.msg.created_ns
+            if created:
+                settles = self.settles_ns
+                settles.append(now - created)
+                if len(settles) >= LATENCY_BUFFER:
+                    self.lat_settle.record_many(settles)
+                    settles.clear()
         self.unsettled -= 1
         st = p.state
         if st is not None:
-            st.busy -= 1
-            if st.wants_slot(self.limit):
-                st.avail += 1
+            busy = st.busy = st.busy - 1
+            avail, queue = st.avail, st.queue
+            if avail < len(queue) and busy + avail < self.limit:  # st.wants_slot(), inlined
+                st.avail = avail + 1
                 self.ready[st.key[0]].append(st)
                 self._wake_runner()
-            elif st.idle():
+            elif not queue and not busy and not avail:  # st.idle(), inlined
                 del self.lanes[st.key[0]][st.key[1]]
+                if len(self.spare_lanes) < SPARE_LANES:
+                    self.spare_lanes.append(st)  # reused by _accept for the next recipient
         if track.remaining == 0:
             self._maybe_commit(track)
         if self.out:

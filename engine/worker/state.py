@@ -45,6 +45,11 @@ WORKER_COUNTERS = (
     "frames_skipped",
 )
 """What a worker counts and reports in its StatsSnapshot; the monitor sums these."""
+LATENCY_BUFFER = 256
+"""Latencies buffered before they are counted into a histogram in one call."""
+SPARE_LANES = 1024
+"""Idle recipient FIFOs kept for reuse (an async worker makes and drops one per message)."""
+"""Latencies buffered before they are counted into a histogram in one call."""
 
 
 @dataclass
@@ -92,6 +97,7 @@ class WorkerState:
         self.lanes: list[dict[str, RecipientLane]] = [{} for _ in range(LANES)]
         self.ready: list[deque[RecipientLane]] = [deque() for _ in range(LANES)]
         self.due: deque[Pending] = deque()  # retries whose backoff ended
+        self.spare_lanes: list[RecipientLane] = []  # idle FIFOs for reuse (settle, _accept)
         self.unsettled = 0
         # Fetched and not yet committed (settled ones included: a lane commits in
         # frame order).  Fetching also stops at ``window`` of these, so a crash
@@ -124,6 +130,10 @@ class WorkerState:
         self.failure_log = FailureLog()  # which failed attempts are reported (rate limit)
         self.lat_start = Histogram()
         self.lat_settle = Histogram()
+        # Latencies waiting to be counted: ``record_many`` per LATENCY_BUFFER of them
+        # costs a fraction of one ``record`` each (see ``flush_latencies``).
+        self.starts_ns: list[int] = []
+        self.settles_ns: list[int] = []
         self.wake = asyncio.Event()  # space in the window, or all settled (reader, stop)
         # Idle runners park on their own future and are woken one at a time: one Event
         # for the whole pool woke every idle coroutine on every settle (~5 us each).
@@ -135,6 +145,15 @@ class WorkerState:
         self.careful_left = 0
         # The async pool: (task, [deadline_ns, timed_out]) per deliverer (see runners).
         self.slots: list[tuple[asyncio.Task[None], list[int]]] = []
+
+    def flush_latencies(self) -> None:
+        """Count the buffered latencies into the histograms (before every snapshot)."""
+        if self.starts_ns:
+            self.lat_start.record_many(self.starts_ns)
+            self.starts_ns.clear()
+        if self.settles_ns:
+            self.lat_settle.record_many(self.settles_ns)
+            self.settles_ns.clear()
 
     def window_full(self) -> bool:
         """True while the reader must not fetch: the window is taken or returns wait."""

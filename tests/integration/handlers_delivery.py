@@ -10,14 +10,20 @@ in which order.  Payloads steer the handlers:
 - ``{"fail": k}``: raise on attempts ``< k``;
 - ``{"retry_after": s}``: raise ``Retry(after=s)`` on attempt 0;
 - ``{"reject": True}``: raise ``Reject("bad")`` while ``$RINGWAY_DELIVERY_OUT/reject_on`` exists.
+
+``which_path`` records nothing in files: it counts which of the worker's
+functions called it and answers a request with those counts.
 """
 
 from __future__ import annotations
 
 import asyncio
+import collections
+import gc
 import json
 import os
 import random
+import sys
 import time
 from pathlib import Path
 from typing import IO, Any
@@ -153,3 +159,24 @@ def always_fail(msg: Message) -> None:
     now = time.monotonic_ns()
     log(msg, "failed", late=bool(msg.expires_ns and now >= msg.expires_ns))
     raise HandlerError(f"attempt {msg.attempt} of message {msg.id} fails on purpose")
+
+
+_CALLERS: collections.Counter[str] = collections.Counter()
+
+
+def which_path(msg: Message) -> dict[str, int] | None:
+    """Sync: counts its callers (the worker's fast path ``_deliver_now`` or its
+    ``inline_runner``); ``{"sleep": s}`` sleeps s first; ``{"paths": True}`` answers
+    with the counts so far (and is not counted)."""
+    body = _body(msg)
+    if body.get("paths"):
+        return dict(_CALLERS)
+    _CALLERS[sys._getframe(1).f_code.co_name] += 1
+    if body.get("sleep"):
+        time.sleep(body["sleep"])
+    return None
+
+
+def gc_settings(msg: Message) -> list[int]:
+    """Answers with the worker's GC threshold of generation 0 and its frozen object count."""
+    return [gc.get_threshold()[0], gc.get_freeze_count()]

@@ -309,6 +309,18 @@ def test_count_sum_and_max_are_exact(values: list[int]) -> None:
     assert hist.max_ns == max(values, default=0)
 
 
+@given(latency_lists, st.lists(st.integers(min_value=INT64_MIN, max_value=UINT64_MAX), max_size=20))
+def test_record_many_counts_exactly_what_record_does(before: list[int], values: list[int]) -> None:
+    """The fast path's per-frame call: same buckets, sum and max as one record() each,
+    out-of-range values clamped alike, into a histogram that already holds values."""
+    one_by_one, at_once = histogram_of(before), histogram_of(before)
+    for ns in values:
+        one_by_one.record(ns)
+    at_once.record_many(values)
+    assert at_once == one_by_one
+    assert at_once.count == len(before) + len(values)
+
+
 def test_out_of_range_values_are_clamped() -> None:
     hist = histogram_of([-5, MAX_TRACKABLE_NS * 4])
     assert hist.count == 2
