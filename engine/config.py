@@ -94,6 +94,22 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
             description="Higher-lane deliveries before a waiting lower lane gets one.",
         ),
     ] = 64
+    max_recipient_bytes: Annotated[
+        int,
+        Meta(
+            ge=1,
+            le=MiB,
+            description="Longest recipient, topic, sender, reply_to or dedup_key (UTF-8 bytes).",
+        ),
+    ] = 1024
+    max_metadata_bytes: Annotated[
+        int,
+        Meta(
+            ge=0,
+            le=16 * MiB,
+            description="Largest tags and metadata of one message (msgpack bytes, together).",
+        ),
+    ] = 65536
     host: Annotated[str, Meta(description="TCP/HTTP bind address.")] = "127.0.0.1"
     port: Annotated[int, Meta(ge=0, le=65535, description="TCP ingress port; 0 = any.")] = 7878
     http_port: Annotated[int, Meta(ge=0, le=65535, description="HTTP port; 0 = any.")] = 7879

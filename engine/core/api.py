@@ -25,6 +25,7 @@ from engine.batches import (
     check_ttl,
 )
 from engine.core.batch import BatchRun, Outcome, prepare
+from engine.core.builder import check_name
 from engine.core.cache import ResponseCache, cache_key, shared
 from engine.core.cluster import Cluster
 from engine.core.stats import build_stats
@@ -166,6 +167,8 @@ class EngineAPI:
         if dedup_keys is not None:  # checked even when the window is off (0)
             if not isinstance(dedup_keys, Sequence) or not all(type(k) is str for k in dedup_keys):
                 raise ValueError(f"dedup_keys must be a list of strings, got {dedup_keys!r}")
+            for key in dedup_keys:
+                check_name("dedup_key", key, self.config.max_recipient_bytes)
             items = list(items)
             if len(dedup_keys) != len(items):
                 raise ValueError(
@@ -398,7 +401,9 @@ class EngineAPI:
     def register(self, recipient: str) -> None:
         if not isinstance(recipient, str) or not recipient:
             raise ValueError(f"recipient must be a non-empty string, got {recipient!r}")
-        self._dispatcher().recipients[recipient] = None
+        d = self._dispatcher()
+        check_name("recipient", recipient, self.config.max_recipient_bytes)
+        d.recipients[recipient] = None
 
     def unregister(self, recipient: str) -> None:
         self._dispatcher().recipients.pop(recipient, None)
@@ -412,7 +417,10 @@ class EngineAPI:
     def subscribe(self, topic: str, recipient: str) -> None:
         if not topic or not recipient:
             raise ValueError(f"topic and recipient must be non-empty, got {topic!r}, {recipient!r}")
-        self._dispatcher().topics.setdefault(topic, {})[recipient] = None
+        d = self._dispatcher()
+        check_name("topic", topic, self.config.max_recipient_bytes)
+        check_name("recipient", recipient, self.config.max_recipient_bytes)
+        d.topics.setdefault(topic, {})[recipient] = None
 
     def unsubscribe(self, topic: str, recipient: str) -> None:
         self._dispatcher().topics.get(topic, {}).pop(recipient, None)
@@ -420,6 +428,7 @@ class EngineAPI:
     async def publish(self, topic: str, payload: Any = None, **options: Any) -> list[int]:
         """One message (kind event) to every subscriber of ``topic``."""
         d = self._dispatcher()
+        check_name("topic", topic, self.config.max_recipient_bytes)
         options.setdefault("kind", Kind.EVENT)
         options.setdefault("tags", (topic,))
         return await self._fan_out(list(d.topics.get(topic, {})), payload, options)

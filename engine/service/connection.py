@@ -16,7 +16,13 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 import msgspec
 
 from engine.batches import BatchRequest
-from engine.errors import EngineClosed, EngineError, RequestFailed, RequestTimeout
+from engine.errors import (
+    EngineClosed,
+    EngineError,
+    FieldTooLarge,
+    RequestFailed,
+    RequestTimeout,
+)
 from engine.protocol import (
     ERR_AUTH,
     ERR_BAD_FRAME,
@@ -351,6 +357,8 @@ class Connection:
             return self._error(0, ERR_BAD_FRAME, "Hello may only be the first frame")
         except EngineClosed as exc:
             return self._error(_frame_seq(frame), ERR_CLOSED, str(exc))
+        except FieldTooLarge as exc:  # a field over its size limit: the frame is refused
+            return self._error(_frame_seq(frame), ERR_BAD_FRAME, str(exc))
         except (ValueError, TypeError, EngineError) as exc:
             return self._error(_frame_seq(frame), ERR_BAD_REQUEST, str(exc))
 
@@ -372,6 +380,8 @@ class Connection:
                 return self._error(seq, ERR_HANDLER, str(exc))
             except EngineClosed as exc:
                 return self._error(seq, ERR_CLOSED, str(exc))
+            except FieldTooLarge as exc:
+                return self._error(seq, ERR_BAD_FRAME, str(exc))
             except (ValueError, TypeError, EngineError) as exc:
                 return self._error(seq, ERR_BAD_REQUEST, str(exc))
             except Exception as exc:

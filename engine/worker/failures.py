@@ -22,6 +22,8 @@ from engine.logs import LogLimiter
 
 MAX_TRACEBACK_CHARS = 8192
 """A traceback longer than this keeps its end (the frames nearest the raise)."""
+MAX_ERROR_CHARS = 8192
+"""An exception's text longer than this keeps its start (the rest is counted, not sent)."""
 FAILURE_LOG_INTERVAL_S = 10.0
 FAILURE_REPORTS_PER_S = 20
 
@@ -54,6 +56,29 @@ def format_traceback(exc: BaseException, limit: int = MAX_TRACEBACK_CHARS) -> st
         return text
     cut = len(text) - limit
     return f"[{cut:,} characters of the traceback cut]\n" + text[cut:]
+
+
+def describe(exc: BaseException, limit: int = MAX_ERROR_CHARS) -> str:
+    """``str(exc)``, bounded to ``limit`` characters, and never raising.
+
+    A handler's exception is the user's object: its ``__str__`` may raise or return
+    megabytes.  Either way the message must still be retried or dead-lettered, and
+    its records must stay small enough for the return ring.
+    """
+    try:
+        text = str(exc)
+    except Exception as err:  # its __str__ raised: say so instead of failing the worker
+        return f"<str() of the {type(exc).__name__} raised {type(err).__name__}>"
+    return bounded(text, limit)
+
+
+def bounded(text: object, limit: int = MAX_ERROR_CHARS) -> str:
+    """``text`` (a string, else its description) cut to ``limit`` characters, saying so."""
+    if not isinstance(text, str):
+        text = f"<{type(text).__name__}>"
+    if len(text) <= limit:
+        return text
+    return f"{text[:limit]} [{len(text) - limit:,} characters cut]"
 
 
 def _walk(tb: TracebackType | None) -> Iterator[TracebackType]:

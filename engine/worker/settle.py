@@ -19,7 +19,7 @@ from engine.backoff import backoff_s
 from engine.errors import Reject, Retry
 from engine.worker.commit import NIL, Committing
 from engine.worker.delivery import DEAD_LETTERED, DELIVERED, EXPIRED, Pending
-from engine.worker.failures import format_traceback
+from engine.worker.failures import bounded, describe, format_traceback
 from engine.worker.lanes import Lanes
 from ipc.codec import Kind, Message
 from ipc.records import AttemptFailed, DeadLetter, Reply
@@ -51,12 +51,12 @@ class Settling(Lanes, Committing):
     def fail(self, p: Pending, exc: BaseException) -> None:
         msg = p.msg
         if isinstance(exc, Reject):
-            self.dead_letter(p, "rejected", exc.reason, format_traceback(exc))
+            self.dead_letter(p, "rejected", bounded(exc.reason), format_traceback(exc))
             return
         self.counters["failed_attempts"] += 1
         attempts = msg.attempt + 1
         if attempts >= self.config.retry_max_attempts:
-            error = f"{type(exc).__name__}: {exc}"
+            error = f"{type(exc).__name__}: {describe(exc)}"
             self.dead_letter(p, "max_attempts", error, format_traceback(exc))
             return
         if isinstance(exc, Retry) and exc.after is not None:
@@ -93,7 +93,7 @@ class Settling(Lanes, Committing):
                 self.config.retry_max_attempts,
                 retry_in_s,
                 exc_type,
-                str(exc),
+                describe(exc),
                 format_traceback(exc),
                 held,
             )
