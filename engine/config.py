@@ -171,6 +171,15 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
         Literal["DEBUG", "INFO", "WARNING", "ERROR"], Meta(description="Log level.")
     ] = "INFO"
     log_format: Annotated[Literal["text", "json"], Meta(description="Log line format.")] = "text"
+    log_limit_interval_s: Annotated[
+        float,
+        Meta(
+            ge=0,
+            le=3600,
+            description="Per peer and reason, one ingress warning line per this interval; "
+            "the next one counts what was held back.",
+        ),
+    ] = 10.0
     # -- users, batch requests, response cache, idempotent submits, rate limits (issue 13) --
     auth_tokens_file: Annotated[
         str, Meta(description="File of USER TOKEN lines (one user per token); SIGHUP reloads.")

@@ -144,6 +144,7 @@ class Service:
                 max_frame_bytes=cfg.max_frame_bytes,
                 max_connections=cfg.max_connections,
                 answer_linger_s=cfg.shutdown_timeout_s,
+                warn_interval_s=cfg.log_limit_interval_s,
             )
             try:
                 await self.ingress.start(cfg.host, cfg.port, cfg.socket)
