@@ -488,11 +488,13 @@ class EngineAPI:
                 raise EngineError("replaying chosen dead letters is not available in cluster mode")
             return await self.cluster.replay_dead_letters()
         items = d.dead.take_all() if ids is None else d.dead.take(ids)
+        # All built before any is queued.  The payloads came out of a ring frame's decode,
+        # which checked their structure (raw_checked): one the handler could not decode
+        # (bad UTF-8 inside, say) is replayed as it was, not refused here.
+        msgs: list[Outgoing] = []
         for dl in items:
             m = dl.message
-            msg = d.build(
-                m.recipient,
-                m.payload,
+            opts = d.options(
                 priority=m.priority,
                 kind=m.kind,
                 sender=m.sender,
@@ -502,5 +504,7 @@ class EngineAPI:
                 reply_to=m.reply_to,
                 user=m.user,
             )
+            msgs += d.build_many(((m.recipient, m.payload),), opts, raw_checked=True)
+        for msg in msgs:
             await d.enqueue(msg)
         return len(items)
