@@ -51,9 +51,10 @@ SCALE = os.environ.get("FUZZ_SCALE", "small")
 if SCALE not in ("small", "long"):
     raise ValueError(f"FUZZ_SCALE must be small or long, got {SCALE!r}")
 _SIZES = {
-    # binary sessions per fuzzer thread, HTTP requests, floods, legit messages (at least)
-    "small": {"sessions": 40, "http": 120, "floods": 2, "legit": 3000},
-    "long": {"sessions": 6000, "http": 20_000, "floods": 40, "legit": 1_000_000},
+    # binary sessions per fuzzer thread, HTTP requests, floods, legit messages (at least),
+    # the legitimate client's pause between chunks of 200 (it sends all along the fuzz)
+    "small": {"sessions": 40, "http": 120, "floods": 2, "legit": 3000, "pause_s": 0.005},
+    "long": {"sessions": 6000, "http": 20_000, "floods": 40, "legit": 1_000_000, "pause_s": 0.03},
 }
 SIZE = _SIZES[SCALE]
 SEEDS = [int(s) for s in os.environ.get("FUZZ_SEEDS", "1,2,3").split(",") if s.strip()]
@@ -291,7 +292,9 @@ def run_fuzz(tmp_path: Path, seed: int) -> dict[str, Any]:
     code: int | None = None
     try:
         with Client(svc.url, TOKEN, max_pending=20_000) as client:
-            legit = Producer(client, recipients=8, chunk=200, pause_s=0.005, prefix="legit")
+            legit = Producer(
+                client, recipients=8, chunk=200, pause_s=SIZE["pause_s"], prefix="legit"
+            )
             web = HttpLegit(svc, uid_base=1 << 40)
             legit.start()
             web.start()
