@@ -300,6 +300,7 @@ class EngineAPI:
         if type(cache) is not bool:
             raise ValueError(f"cache must be true or false, got {cache!r}")
         ttl = check_ttl(cache_ttl_s)
+        _check_request(timeout, options)  # here too: a shared (cached) request runs elsewhere
         if not cache:
             return await self._send_request(recipient, payload, timeout=timeout, **options)
         raw = payload if type(payload) is msgspec.Raw else pack_payload(payload)
@@ -316,11 +317,7 @@ class EngineAPI:
         self, recipient: str, payload: Any = None, *, timeout: float = 30.0, **options: Any
     ) -> msgspec.Raw:
         """One request to the handler, no cache: the raw reply, or RequestTimeout."""
-        if not timeout > 0:
-            raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
-        for name in ("kind", "correlation_id"):
-            if name in options:
-                raise TypeError(f"request() sets {name} itself; got {name}={options[name]!r}")
+        _check_request(timeout, options)
         d = self._dispatcher()
         cid = next(d.ids)
         options.setdefault("ttl", timeout)
@@ -508,3 +505,13 @@ class EngineAPI:
         for msg in msgs:
             await d.enqueue(msg)
         return len(items)
+
+
+def _check_request(timeout: float, options: Mapping[str, Any]) -> None:
+    """Refuse a request's bad timeout or options before it may be shared (single-flight):
+    an identical request joining it must not inherit the caller's mistake."""
+    if not timeout > 0:
+        raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+    for name in ("kind", "correlation_id"):
+        if name in options:
+            raise TypeError(f"request() sets {name} itself; got {name}={options[name]!r}")
