@@ -22,6 +22,7 @@ and ``FUZZ_SEEDS=7,8`` picks the seeds; the report fixture prints the figures.
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import os
@@ -74,8 +75,17 @@ class Session:
         self.buf = bytearray()
         self.eof = False
 
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
+    def send(self, data: bytes) -> bool:
+        """False if the service had closed the connection already (it may, on a violation)."""
+        try:
+            self.sock.sendall(data)
+        except OSError:
+            return False
+        return True
+
+    def end_writing(self) -> None:
+        with contextlib.suppress(OSError):  # already closed by the service: EOF is next
+            self.sock.shutdown(socket.SHUT_WR)
 
     def answers(self, n: int | None = None) -> list[Any]:
         """The next ``n`` answers (fewer at EOF); all of them up to EOF when ``n`` is None."""
@@ -129,13 +139,18 @@ def binary_fuzzer(url: str, seed: int, sessions: int, tally: Counter[str]) -> No
     done = attempts = 0
     while done < sessions and attempts < 20 * sessions:
         attempts += 1
-        s = Session(url)
+        try:
+            s = Session(url)
+        except OSError:  # the listen backlog full during a flood
+            tally["connect_failed"] += 1
+            time.sleep(0.05)
+            continue
         try:
             if rng.random() < 0.12:  # pre-auth traffic: the service must close on it
                 kind, data = fz.pre_auth(rng, TOKEN)
                 tally[f"pre_auth_{kind}"] += 1
                 s.send(data)
-                s.sock.shutdown(socket.SHUT_WR)
+                s.end_writing()
                 answers = s.answers()
                 _tally_answers(answers, tally)
                 welcomed = any(isinstance(a, Welcome) for a in answers)
@@ -143,7 +158,7 @@ def binary_fuzzer(url: str, seed: int, sessions: int, tally: Counter[str]) -> No
                     tally["bad_pre_auth_welcomed"] += 1
                 done += 1
                 continue
-            s.send(encode_frame(Hello(token=TOKEN, client="fuzz")))
+            s.send(encode_frame(Hello(token=TOKEN, client="fuzz")))  # a refusal: no Welcome
             first = s.answers(1)
             if not first or not isinstance(first[0], Welcome):
                 _tally_answers(first, tally)  # busy during a flood: refused, that is all
@@ -162,10 +177,12 @@ def binary_fuzzer(url: str, seed: int, sessions: int, tally: Counter[str]) -> No
             end = fz.ending(rng, MAX_FRAME)
             tally[f"end_{end}"] += 1
             tally["frames"] += len(bodies)
-            s.send(b"".join(fz.framed(b) for b in bodies) + fz.terminal_bytes(end, rng, MAX_FRAME))
+            data = b"".join(fz.framed(b) for b in bodies) + fz.terminal_bytes(end, rng, MAX_FRAME)
+            if not s.send(data):
+                tally["closed_by_service_while_sending"] += 1  # checked by the count below
             if end in ("hang_up", "reset"):
                 continue  # `finally` hangs up without reading a thing
-            s.sock.shutdown(socket.SHUT_WR)
+            s.end_writing()
             answers = s.answers()
             _tally_answers(answers, tally)
             owed = len(bodies) + (end != "close")  # a terminal violation gets one error
