@@ -37,7 +37,6 @@ from tests.integration.service_proc import REPO, start_service
 from tests.integration.test_service_ingress import metric, scrape
 
 R1 = msgspec.Raw(msgspec.msgpack.encode(1))
-F_SETPIPE_SZ = 1031  # fcntl.F_SETPIPE_SZ (Linux), named here for Python < 3.10 compatibility
 UNHANDLED = ("Traceback", "Unhandled exception", "Task exception was never retrieved")
 
 
@@ -162,7 +161,7 @@ def test_a_full_stderr_pipe_stalls_nothing(tmp_path: Path) -> None:
     )
     assert proc.stderr is not None
     fd = proc.stderr.fileno()
-    size = fcntl.fcntl(fd, F_SETPIPE_SZ, 4096)  # a small pipe fills fast
+    size = fcntl.fcntl(fd, fcntl.F_SETPIPE_SZ, 4096)  # a small pipe fills fast
     lines: list[dict[str, Any]] = []
     try:
         while not any(x.get("msg") == "serving" for x in lines):  # then nobody reads
