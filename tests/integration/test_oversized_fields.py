@@ -107,7 +107,8 @@ def test_any_exception_a_handler_raises_is_dead_lettered_and_the_lanes_move_on()
     facts: dict[str, Any] = {}
 
     async def main() -> None:
-        async with Engine(f"{HANDLERS}:awkward", config()) as eng:
+        # The smallest return ring: every record the failures produce must still fit.
+        async with Engine(f"{HANDLERS}:awkward", config(return_ring_bytes=65536)) as eng:
             for i in range(3000):
                 await eng.submit(normal[i % len(normal)], i)
                 if i % 150 == 0:
