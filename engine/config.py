@@ -104,6 +104,22 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
             description="Higher-lane deliveries before a waiting lower lane gets one.",
         ),
     ] = 64
+    max_recipient_bytes: Annotated[
+        int,
+        Meta(
+            ge=1,
+            le=MiB,
+            description="Longest recipient, topic, sender, reply_to or dedup_key (UTF-8 bytes).",
+        ),
+    ] = 1024
+    max_metadata_bytes: Annotated[
+        int,
+        Meta(
+            ge=0,
+            le=16 * MiB,
+            description="Largest tags and metadata of one message (msgpack bytes, together).",
+        ),
+    ] = 65536
     host: Annotated[str, Meta(description="TCP/HTTP bind address.")] = "127.0.0.1"
     port: Annotated[int, Meta(ge=0, le=65535, description="TCP ingress port; 0 = any.")] = 7878
     http_port: Annotated[int, Meta(ge=0, le=65535, description="HTTP port; 0 = any.")] = 7879
@@ -209,6 +225,15 @@ class Config(msgspec.Struct, frozen=True, kw_only=True):
         Literal["DEBUG", "INFO", "WARNING", "ERROR"], Meta(description="Log level.")
     ] = "INFO"
     log_format: Annotated[Literal["text", "json"], Meta(description="Log line format.")] = "text"
+    log_limit_interval_s: Annotated[
+        float,
+        Meta(
+            ge=0,
+            le=3600,
+            description="Per peer and reason, one ingress warning line per this interval; "
+            "the next one counts what was held back.",
+        ),
+    ] = 10.0
     # -- users, batch requests, response cache, idempotent submits, rate limits (issue 13) --
     auth_tokens_file: Annotated[
         str, Meta(description="File of USER TOKEN lines (one user per token); SIGHUP reloads.")

@@ -12,6 +12,7 @@ __all__ = [
     "EngineClosed",
     "EngineError",
     "EngineStartError",
+    "FieldTooLarge",
     "FrameTooLargeError",
     "QueueFull",
     "RateLimited",
@@ -41,6 +42,12 @@ class Reject(EngineError):
     def __init__(self, reason: str = "rejected") -> None:
         self.reason = reason
         super().__init__(reason)
+
+
+class FieldTooLarge(EngineError, ValueError):
+    """Raised when a recipient, topic, sender, tags or metadata exceed their configured
+    size (ENGINE_MAX_RECIPIENT_BYTES, ENGINE_MAX_METADATA_BYTES); nothing of the call
+    was queued.  The service answers it as a bad frame (binary) or a 400 (HTTP)."""
 
 
 class RequestTimeout(EngineError, TimeoutError):

@@ -7,9 +7,13 @@ regexes; ``text`` writes the same fields as ``key=value`` after the message.
 
 from __future__ import annotations
 
+import copy
 import logging
+import os
+import queue
 import sys
 import time
+from logging.handlers import QueueHandler, QueueListener
 from typing import Any
 
 import msgspec
@@ -61,14 +65,90 @@ class TextFormatter(logging.Formatter):
         return line
 
 
-def setup_logging(level: str, fmt: str) -> None:
-    """Send every ``engine.*`` record (and aiohttp's) to stderr in the chosen format."""
+QUEUED_RECORDS = 10_000
+"""Log records waiting for the writer thread; beyond this they are dropped and counted."""
+
+
+def setup_logging(level: str, fmt: str, *, queued: bool = False) -> QueueListener | None:
+    """Send every ``engine.*`` record (and aiohttp's) to stderr in the chosen format.
+
+    ``queued`` (the service): callers only put records on a bounded queue and a
+    thread writes them, so a slow or full stderr (a pipe nobody reads) never stalls
+    the event loop; the caller must ``stop_logging`` the returned listener at exit,
+    which writes what is still queued.  A forked child writes directly again.
+    """
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter() if fmt == "json" else TextFormatter())
     root = logging.getLogger()
-    root.handlers[:] = [handler]
     root.setLevel(level)
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
+    if not queued:
+        root.handlers[:] = [handler]
+        return None
+    records: queue.Queue[logging.LogRecord] = queue.Queue(QUEUED_RECORDS)
+    front = DroppingQueueHandler(records)
+    listener = QueueListener(records, handler, respect_handler_level=True)
+    listener.start()
+    root.handlers[:] = [front]
+    if not _direct:
+        os.register_at_fork(after_in_child=_write_directly)
+    _direct[:] = [handler]
+    return listener
+
+
+def stop_logging(listener: QueueListener | None) -> None:
+    """Write every queued record (and the count of any dropped), then stop the thread."""
+    if listener is None:
+        return
+    root = logging.getLogger()
+    fronts = [h for h in root.handlers if isinstance(h, DroppingQueueHandler)]
+    listener.stop()  # joins the writer thread once it wrote everything queued
+    if _direct:
+        root.handlers[:] = list(_direct)
+        for front in fronts:
+            if front.dropped:
+                root.warning(
+                    "%d log lines were dropped: stderr did not keep up",
+                    front.dropped,
+                    extra={"log_lines_dropped": front.dropped},
+                )
+
+
+_direct: list[logging.Handler] = []  # the stderr handler behind the queue, once queued
+
+
+def _write_directly() -> None:
+    """In a forked child: the writer thread does not exist there, so write directly."""
+    if _direct:
+        root = logging.getLogger()
+        kept = [h for h in root.handlers if not isinstance(h, QueueHandler)]
+        root.handlers[:] = kept + _direct
+
+
+class DroppingQueueHandler(QueueHandler):
+    """A QueueHandler that never blocks: a full queue drops the record and counts it;
+    the next record that gets through carries the count (``log_lines_dropped``)."""
+
+    def __init__(self, records: queue.Queue[logging.LogRecord]) -> None:
+        super().__init__(records)
+        self.dropped = 0
+
+    def prepare(self, record: logging.LogRecord) -> logging.LogRecord:
+        """Resolve the message now (its arguments may change later); keep ``exc_info``
+        and the extras, which the writer thread's formatter renders."""
+        record = copy.copy(record)
+        record.msg, record.args = record.getMessage(), None
+        return record
+
+    def enqueue(self, record: logging.LogRecord) -> None:
+        if self.dropped:
+            record.log_lines_dropped = self.dropped
+        try:
+            self.queue.put_nowait(record)
+        except queue.Full:
+            self.dropped += 1
+            return
+        self.dropped = 0
 
 
 class LogLimiter:
@@ -102,6 +182,13 @@ class LogLimiter:
             self._evict(now)
         self._last[key] = now
         return self._held.pop(key, 0)
+
+    def take_held(self) -> int:
+        """Lines held back and not yet told with a later line (all keys); forgets them,
+        for the caller tells them now (at a stop, say)."""
+        total = sum(self._held.values())
+        self._held.clear()
+        return total
 
     def _evict(self, now: float) -> None:
         """Forget keys quiet for a whole interval; if none is, the oldest (bounded memory)."""

@@ -160,7 +160,7 @@ def _cmd_serve(args: argparse.Namespace) -> int:
 
     import uvloop
 
-    from engine.logs import setup_logging
+    from engine.logs import setup_logging, stop_logging
     from engine.service.server import Service
 
     overrides: dict[str, object] = dict(overrides_from_args(args))
@@ -174,13 +174,17 @@ def _cmd_serve(args: argparse.Namespace) -> int:
     from engine.core.preflight import check_handler
 
     check_handler(config)
-    setup_logging(config.log_level, config.log_format)
-    for name in foreign_env():
-        logging.getLogger("engine.config").warning(
-            "%s is not a setting of this engine; ignored", name, extra={"variable": name}
-        )
-    after = (lambda svc: _demo_load(svc, args.demo)) if args.demo else None
-    return int(uvloop.run(Service(config).run(after)))
+    # Log lines go through a queue to a writer thread: a full stderr never stalls the loop.
+    listener = setup_logging(config.log_level, config.log_format, queued=True)
+    try:
+        for name in foreign_env():
+            logging.getLogger("engine.config").warning(
+                "%s is not a setting of this engine; ignored", name, extra={"variable": name}
+            )
+        after = (lambda svc: _demo_load(svc, args.demo)) if args.demo else None
+        return int(uvloop.run(Service(config).run(after)))
+    finally:
+        stop_logging(listener)  # every queued line is written before the process exits
 
 
 async def _demo_load(service: Any, n: int) -> None:

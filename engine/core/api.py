@@ -26,6 +26,7 @@ from engine.batches import (
     check_ttl,
 )
 from engine.core.batch import BatchRun, Outcome, prepare
+from engine.core.builder import check_name
 from engine.core.cache import ResponseCache, cache_key, shared
 from engine.core.cluster import Cluster
 from engine.core.deadletters import REPLAY_ERRORS, ReplayReport, unreplayable
@@ -169,6 +170,8 @@ class EngineAPI:
         if dedup_keys is not None:  # checked even when the window is off (0)
             if not isinstance(dedup_keys, Sequence) or not all(type(k) is str for k in dedup_keys):
                 raise ValueError(f"dedup_keys must be a list of strings, got {dedup_keys!r}")
+            for key in dedup_keys:
+                check_name("dedup_key", key, self.config.max_recipient_bytes)
             items = list(items)
             if len(dedup_keys) != len(items):
                 raise ValueError(
@@ -300,6 +303,7 @@ class EngineAPI:
         if type(cache) is not bool:
             raise ValueError(f"cache must be true or false, got {cache!r}")
         ttl = check_ttl(cache_ttl_s)
+        _check_request(timeout, options)  # here too: a shared (cached) request runs elsewhere
         if not cache:
             return await self._send_request(recipient, payload, timeout=timeout, **options)
         raw = payload if type(payload) is msgspec.Raw else pack_payload(payload)
@@ -316,11 +320,7 @@ class EngineAPI:
         self, recipient: str, payload: Any = None, *, timeout: float = 30.0, **options: Any
     ) -> msgspec.Raw:
         """One request to the handler, no cache: the raw reply, or RequestTimeout."""
-        if not timeout > 0:
-            raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
-        for name in ("kind", "correlation_id"):
-            if name in options:
-                raise TypeError(f"request() sets {name} itself; got {name}={options[name]!r}")
+        _check_request(timeout, options)
         d = self._dispatcher()
         cid = next(d.ids)
         options.setdefault("ttl", timeout)
@@ -401,7 +401,9 @@ class EngineAPI:
     def register(self, recipient: str) -> None:
         if not isinstance(recipient, str) or not recipient:
             raise ValueError(f"recipient must be a non-empty string, got {recipient!r}")
-        self._dispatcher().recipients[recipient] = None
+        d = self._dispatcher()
+        check_name("recipient", recipient, self.config.max_recipient_bytes)
+        d.recipients[recipient] = None
 
     def unregister(self, recipient: str) -> None:
         self._dispatcher().recipients.pop(recipient, None)
@@ -415,7 +417,10 @@ class EngineAPI:
     def subscribe(self, topic: str, recipient: str) -> None:
         if not topic or not recipient:
             raise ValueError(f"topic and recipient must be non-empty, got {topic!r}, {recipient!r}")
-        self._dispatcher().topics.setdefault(topic, {})[recipient] = None
+        d = self._dispatcher()
+        check_name("topic", topic, self.config.max_recipient_bytes)
+        check_name("recipient", recipient, self.config.max_recipient_bytes)
+        d.topics.setdefault(topic, {})[recipient] = None
 
     def unsubscribe(self, topic: str, recipient: str) -> None:
         self._dispatcher().topics.get(topic, {}).pop(recipient, None)
@@ -423,6 +428,7 @@ class EngineAPI:
     async def publish(self, topic: str, payload: Any = None, **options: Any) -> list[int]:
         """One message (kind event) to every subscriber of ``topic``."""
         d = self._dispatcher()
+        check_name("topic", topic, self.config.max_recipient_bytes)
         options.setdefault("kind", Kind.EVENT)
         options.setdefault("tags", (topic,))
         return await self._fan_out(list(d.topics.get(topic, {})), payload, options)
@@ -492,9 +498,7 @@ class EngineAPI:
             if not why:
                 m = dl.message
                 try:
-                    msg = d.build(
-                        m.recipient,
-                        m.payload,
+                    opts = d.options(
                         priority=m.priority,
                         kind=m.kind,
                         sender=m.sender,
@@ -504,6 +508,10 @@ class EngineAPI:
                         reply_to=m.reply_to,
                         user=m.user,
                     )
+                    # The payload came out of a ring frame's decode, which checked its
+                    # structure: one the handler could not decode (bad UTF-8 inside,
+                    # say) is replayed as it was, not refused here.
+                    (msg,) = d.build_many(((m.recipient, m.payload),), opts, raw_checked=True)
                 except (EngineError, ValueError, TypeError) as exc:
                     why, error = "rebuild_failed", f"{type(exc).__name__}: {exc}"
             if why:
@@ -520,3 +528,13 @@ class EngineAPI:
             d.dead.replayed(dl)
             replayed += 1
         return ReplayReport(replayed, sum(kept.values()), kept)
+
+
+def _check_request(timeout: float, options: Mapping[str, Any]) -> None:
+    """Refuse a request's bad timeout or options before it may be shared (single-flight):
+    an identical request joining it must not inherit the caller's mistake."""
+    if not timeout > 0:
+        raise ValueError(f"timeout must be a number of seconds > 0, got {timeout!r}")
+    for name in ("kind", "correlation_id"):
+        if name in options:
+            raise TypeError(f"request() sets {name} itself; got {name}={options[name]!r}")

@@ -17,7 +17,7 @@ from typing import Any, NamedTuple
 import msgspec
 
 from engine.config import Config
-from engine.errors import FrameTooLargeError
+from engine.errors import FieldTooLarge, FrameTooLargeError
 from ipc.codec import Kind, Priority, check_raw, pack_payload, parse_kind, parse_priority
 
 _PRIORITIES: dict[object, Priority] = {p.name.lower(): p for p in Priority} | {
@@ -70,16 +70,51 @@ def _checked_extras(
         ("user", user),
     ):
         if type(value) is not str:
-            raise ValueError(f"{name} must be a string, got {value!r}")
+            raise ValueError(f"{name} must be a string, got {_preview(value)}")
     if type(correlation_id) is not int or not 0 <= correlation_id < 1 << 63:
         raise ValueError(f"correlation_id must be an integer in [0, 2**63), got {correlation_id!r}")
     tag_tuple = tuple(tags)
     if not all(type(t) is str for t in tag_tuple):
-        raise ValueError(f"tags must be strings, got {tag_tuple!r}")
+        raise ValueError(f"tags must be strings, got {_preview(tag_tuple)}")
     meta = dict(metadata or {})
     if not all(type(k) is str and type(v) is str for k, v in meta.items()):
-        raise ValueError(f"metadata must map strings to strings, got {meta!r}")
+        raise ValueError(f"metadata must map strings to strings, got {_preview(meta)}")
     return tag_tuple, meta
+
+
+def check_name(field: str, value: str, limit: int) -> None:
+    """Refuse a name (recipient, topic, sender, ...) longer than ENGINE_MAX_RECIPIENT_BYTES.
+
+    Measured in UTF-8 bytes; a string of at most ``limit // 4`` characters always
+    fits, so the common short name costs one ``len``.
+    """
+    if len(value) <= limit >> 2:
+        return
+    size = len(value.encode("utf-8", "surrogatepass"))
+    if size > limit:
+        raise FieldTooLarge(
+            f"{field} {_preview(value)} is {size:,} bytes; the limit is {limit:,} "
+            "(ENGINE_MAX_RECIPIENT_BYTES)"
+        )
+
+
+def check_extras_size(tags: tuple[str, ...], metadata: dict[str, str], limit: int) -> None:
+    """Refuse tags and metadata that encode to more than ENGINE_MAX_METADATA_BYTES together."""
+    size = len(_encode((tags, metadata)))
+    if size > limit:
+        raise FieldTooLarge(
+            f"tags and metadata ({len(tags):,} tags, {len(metadata):,} metadata entries) are "
+            f"{size:,} bytes; the limit is {limit:,} (ENGINE_MAX_METADATA_BYTES)"
+        )
+
+
+def _preview(value: object, width: int = 40) -> str:
+    """The start of a value's repr, for an error that stays short whatever the value."""
+    if isinstance(value, str | bytes) and len(value) > width:
+        value = value[:width]
+        return f"{value!r}..."
+    text = repr(value)
+    return text if len(text) <= width else f"{text[:width]}..."
 
 
 def pack_frames(items: list[bytes], size: int, max_bytes: int) -> list[tuple[bytes, int]]:
@@ -157,6 +192,12 @@ class MessageBuilder:
             tags, metadata = _checked_extras(
                 sender, reply_to, dedup_key, correlation_id, tags, metadata, user
             )
+            if tags or metadata:
+                check_extras_size(tuple(tags), metadata or _EMPTY, self.config.max_metadata_bytes)
+        limit = self.config.max_recipient_bytes
+        check_name("sender", sender, limit)
+        check_name("reply_to", reply_to, limit)
+        check_name("dedup_key", dedup_key, limit)
         return Options(prio, knd, int(ttl * 1e9), sender, correlation_id, reply_to,
                        tuple(tags), metadata or _EMPTY, dedup_key, user)  # fmt: skip
 
@@ -178,6 +219,7 @@ class MessageBuilder:
         """
         prio, knd, ttl_ns, sender, cid, reply_to, tags, meta, dedup, user = opts
         enc, limit = _encode, self.max_message_bytes
+        short = (name_limit := self.config.max_recipient_bytes) >> 2
         out: list[Outgoing] = []
         append = out.append
         # One clock read per call: the messages of one call are created together.
@@ -191,7 +233,9 @@ class MessageBuilder:
         lane = int(prio)
         for (recipient, payload), mid in zip(items, self.ids, strict=False):
             if type(recipient) is not str or not recipient:
-                raise ValueError(f"recipient must be a non-empty string, got {recipient!r}")
+                raise ValueError(f"recipient must be a non-empty string, got {_preview(recipient)}")
+            if len(recipient) > short:
+                check_name("recipient", recipient, name_limit)
             if type(payload) is msgspec.Raw:
                 if not (raw_checked or payload is checked):
                     check_raw(payload)  # a bad Raw would spoil its whole batch frame
@@ -205,7 +249,7 @@ class MessageBuilder:
             )  # fmt: skip
             if len(data) > limit:
                 raise FrameTooLargeError(
-                    f"message to {recipient!r} encodes to {len(data):,} bytes; a ring of "
+                    f"message to {_preview(recipient)} encodes to {len(data):,} bytes; a ring of "
                     f"ENGINE_RING_BYTES={self.config.ring_bytes:,} carries at most "
                     f"{limit:,} per message"
                 )

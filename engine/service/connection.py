@@ -16,7 +16,13 @@ from typing import TYPE_CHECKING, Any, Protocol, cast
 import msgspec
 
 from engine.batches import BatchRequest
-from engine.errors import EngineClosed, EngineError, RequestFailed, RequestTimeout
+from engine.errors import (
+    EngineClosed,
+    EngineError,
+    FieldTooLarge,
+    RequestFailed,
+    RequestTimeout,
+)
 from engine.protocol import (
     ERR_AUTH,
     ERR_BAD_FRAME,
@@ -115,6 +121,8 @@ class Host(Protocol):
     counts: dict[str, int]
     accepting: bool
 
+    def warn(self, host: str, reason: str, msg: str, *args: object) -> None: ...
+
 
 class Connection:
     """One client: a reader loop and an in-order writer of answers."""
@@ -132,6 +140,8 @@ class Connection:
         self.reader = reader
         self.writer = writer
         self.peer = peer
+        self.peer_host = peer  # the rate limit's key for warnings (the ingress sets the host)
+        self.hung_up = False  # the client went away: answers still owed are dropped, counted
         self.answers: asyncio.Queue[Answer | None] = asyncio.Queue(PENDING_ANSWERS)
         self.slow: set[asyncio.Task[ServerFrame]] = set()  # requests and settled acks
         self.idle = False
@@ -150,10 +160,13 @@ class Connection:
                 await self.answers.put(await self._handle(frame))
         except ProtocolViolation as exc:
             self._count_error(exc.code)
-            log.warning("closing connection from %s: %s", self.peer, exc)
+            self.ingress.warn(
+                self.peer_host, exc.code, "closing connection from %s: %s", self.peer, exc
+            )
             await self.answers.put(Error(0, exc.code, str(exc)))
         except (ConnectionError, asyncio.IncompleteReadError):
-            sender.cancel()  # the client went away; what it had in flight is its to retry
+            self.hung_up = True  # the client went away; what it had in flight is its to retry
+            sender.cancel()
         except Exception as exc:  # a bug of ours: tell the client, keep serving the others
             log.exception("connection from %s failed", self.peer)
             self._count_error(ERR_INTERNAL)
@@ -174,6 +187,8 @@ class Connection:
         sender.cancel()
         for task in self.slow:
             task.cancel()
+        # What the client never got (it hung up, or stopped reading past the linger).
+        self._dropped(sum(1 for a in _queued(self.answers) if a is not None))
         await close_writer(self.writer)
 
     def stop_reading(self) -> None:
@@ -376,6 +391,8 @@ class Connection:
             return self._error(0, ERR_BAD_FRAME, "Hello may only be the first frame")
         except EngineClosed as exc:
             return self._error(_frame_seq(frame), ERR_CLOSED, str(exc))
+        except FieldTooLarge as exc:  # a field over its size limit: the frame is refused
+            return self._error(_frame_seq(frame), ERR_BAD_FRAME, str(exc))
         except (ValueError, TypeError, EngineError) as exc:
             return self._error(_frame_seq(frame), ERR_BAD_REQUEST, str(exc))
 
@@ -397,6 +414,8 @@ class Connection:
                 return self._error(seq, ERR_HANDLER, str(exc))
             except EngineClosed as exc:
                 return self._error(seq, ERR_CLOSED, str(exc))
+            except FieldTooLarge as exc:
+                return self._error(seq, ERR_BAD_FRAME, str(exc))
             except (ValueError, TypeError, EngineError) as exc:
                 return self._error(seq, ERR_BAD_REQUEST, str(exc))
             except Exception as exc:
@@ -418,31 +437,66 @@ class Connection:
             self.counts["bad_frames_total"] += 1
 
     async def _send_answers(self) -> None:
-        """Write answers in request order, several per socket write when they are ready."""
+        """Write answers in request order, several per socket write when they are ready.
+
+        Once the client hung up, the rest are taken off the queue and counted as
+        dropped (``answers_dropped_total``), so the reader never waits on them.
+        """
         out = bytearray()
         while True:
             item = await self.answers.get()
             if item is None:
                 return
+            if self.hung_up:
+                self._discard(item)
+                continue
             batch = [await _settle(item)]
             while len(batch) < WRITE_BATCH and not self.answers.empty():
                 nxt = self.answers.get_nowait()
                 if nxt is None:
                     self._write(batch, out)
-                    await self.writer.drain()
+                    await self._drain()
                     return
+                if self.hung_up:
+                    self._discard(nxt)
+                    continue
                 if isinstance(nxt, asyncio.Future) and not nxt.done():
                     self._write(batch, out)  # what is ready goes out while this one waits
                     batch = []
                 batch.append(await _settle(nxt))
             self._write(batch, out)
-            await self.writer.drain()
+            await self._drain()
 
     def _write(self, frames: list[ServerFrame], out: bytearray) -> None:
-        if frames:
-            out.clear()
-            encode_frames_into(list(frames), out)
-            self.writer.write(bytes(out))
+        if not frames:
+            return
+        if self.hung_up or self.writer.is_closing():
+            self._dropped(len(frames))
+            return
+        out.clear()
+        encode_frames_into(list(frames), out)
+        if not write_quietly(self.writer, bytes(out)):
+            self.hung_up = True
+            self._dropped(len(frames))
+
+    async def _drain(self) -> None:
+        """Wait while the socket's buffer is full; a client that hung up ends the wait."""
+        if self.hung_up:
+            return
+        try:
+            await self.writer.drain()
+        except (ConnectionError, RuntimeError, OSError):
+            self.hung_up = True  # what was written and not yet sent is lost with the socket
+
+    def _discard(self, answer: Answer) -> None:
+        """An answer the client will never read: counted, and not waited for."""
+        if isinstance(answer, asyncio.Future):
+            answer.cancel()
+        self._dropped(1)
+
+    def _dropped(self, n: int) -> None:
+        if n:
+            self.counts["answers_dropped_total"] += n
 
 
 async def _settle(answer: Answer) -> ServerFrame:
@@ -496,6 +550,29 @@ def _seq_of(body: bytes) -> int:
     if isinstance(raw, list) and len(raw) > 1 and type(raw[1]) is int and 0 <= raw[1] < 1 << 63:
         return raw[1]
     return 0
+
+
+def write_quietly(writer: asyncio.StreamWriter, data: bytes) -> bool:
+    """Write ``data`` unless the client already hung up; False if it did.
+
+    uvloop raises RuntimeError ("the handler is closed") on a closed transport and
+    the socket may raise a ConnectionError: a peer that went away is normal.
+    """
+    if writer.is_closing():
+        return False
+    try:
+        writer.write(data)
+    except (ConnectionError, RuntimeError, OSError):
+        return False
+    return True
+
+
+def _queued(answers: asyncio.Queue[Answer | None]) -> list[Answer | None]:
+    """Empty the queue without waiting: what is still in it."""
+    out: list[Answer | None] = []
+    while not answers.empty():
+        out.append(answers.get_nowait())
+    return out
 
 
 async def close_writer(writer: asyncio.StreamWriter) -> None:

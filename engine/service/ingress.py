@@ -16,6 +16,9 @@ anything is allocated and the connection is closed, since the stream can no
 longer be trusted.  Before its Hello is accepted a connection may send only a
 frame the size a Hello can need (the longest token plus 4 KiB), within
 ENGINE_HELLO_TIMEOUT_S (`engine.service.connection`).  Every refusal is counted.
+A client that hangs up before reading its answers is normal: they are dropped and
+counted (``answers_dropped_total``).  Warnings about clients are rate-limited per
+peer host and reason.
 """
 
 from __future__ import annotations
@@ -27,8 +30,9 @@ import os
 import socket
 from typing import TYPE_CHECKING
 
+from engine.logs import LogLimiter, suppressed_note
 from engine.protocol import ERR_BUSY, ERR_CLOSED, Error, encode_frame
-from engine.service.connection import Connection, close_writer
+from engine.service.connection import Connection, close_writer, write_quietly
 
 if TYPE_CHECKING:
     from engine.core.engine import Engine
@@ -45,6 +49,7 @@ COUNTERS = (
     "messages_total",
     "bad_frames_total",
     "errors_total",
+    "answers_dropped_total",
 )
 
 
@@ -61,8 +66,12 @@ class Ingress:
         max_connections: int,
         answer_linger_s: float,
         hello_timeout_s: float,
+        warn_interval_s: float = 10.0,
     ) -> None:
         self.engine = engine
+        # One warning line per (peer host, reason) and interval: a fuzzing client or a
+        # connection flood must not flood the log (ENGINE_LOG_LIMIT_INTERVAL_S).
+        self.warnings = LogLimiter(warn_interval_s)
         self.answer_linger_s = answer_linger_s  # how long a closing connection may owe answers
         self.users = users  # who each token is (the handshake asks)
         self.limits = limits  # per-user rate limits and counts
@@ -108,10 +117,34 @@ class Ingress:
             for task in pending:
                 task.cancel()
             await asyncio.gather(*pending, return_exceptions=True)
+        self._tell_suppressed()
         path = self.addresses.get("socket")
         if path:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(path)
+
+    def warn(self, host: str, reason: str, msg: str, *args: object) -> None:
+        """A WARNING about a client, at most one per (host, reason) and interval; the line
+        that gets through says how many were held back (``suppressed``)."""
+        held = self.warnings.allow((host, reason))
+        if held is None:
+            return
+        log.warning(
+            msg + "%s",
+            *args,
+            suppressed_note(held),
+            extra={"peer": host, "reason": reason, "suppressed": held},
+        )
+
+    def _tell_suppressed(self) -> None:
+        """At close: the warnings still held back, so no count is lost."""
+        held = self.warnings.take_held()
+        if held:
+            log.warning(
+                "%d ingress warnings were held back by the rate limit since their last line",
+                held,
+                extra={"suppressed": held},
+            )
 
     async def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         task = asyncio.current_task()
@@ -125,18 +158,27 @@ class Ingress:
                 if not self.accepting
                 else f"too many connections (ENGINE_MAX_CONNECTIONS={self.max_connections})"
             )
-            log.warning("refused connection from %s: %s", peer, reason)
-            writer.write(
-                encode_frame(Error(0, ERR_CLOSED if not self.accepting else ERR_BUSY, reason))
-            )
+            self.warn(peer_host(peer), "refused", "refused connection from %s: %s", peer, reason)
+            frame = encode_frame(Error(0, ERR_CLOSED if not self.accepting else ERR_BUSY, reason))
+            if not write_quietly(writer, frame):
+                self.counts["answers_dropped_total"] += 1  # it hung up first: normal
             await close_writer(writer)
             return
         sock = writer.get_extra_info("socket")
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         conn = Connection(self, reader, writer, str(peer))
+        conn.peer_host = peer_host(peer)
         self.connections[task] = conn
         try:
             await conn.run()
         finally:
             self.connections.pop(task, None)
+
+
+def peer_host(peer: object) -> str:
+    """The host of a peer address (its port changes with every connection): the key of
+    the warnings' rate limit."""
+    if isinstance(peer, tuple | list) and peer:
+        return str(peer[0])
+    return str(peer)

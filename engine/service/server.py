@@ -165,6 +165,7 @@ class Service:
                 max_connections=cfg.max_connections,
                 answer_linger_s=cfg.shutdown_timeout_s,
                 hello_timeout_s=cfg.hello_timeout_s,
+                warn_interval_s=cfg.log_limit_interval_s,
             )
             try:
                 await self.ingress.start(cfg.host, cfg.port, cfg.socket)

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import logging
+import queue
+
 from hypothesis import given
 from hypothesis import strategies as st
 
-from engine.logs import LogLimiter, suppressed_note
+from engine.logs import DroppingQueueHandler, LogLimiter, suppressed_note
 
 
 def test_one_line_per_key_and_interval_then_the_held_back_count() -> None:
@@ -44,3 +47,32 @@ def test_every_event_is_either_written_or_counted_in_a_later_line(
     held = sum(lim._held.values())
     assert written + told + held == len(events)
     assert told + held == lim.suppressed_total
+
+
+def test_take_held_tells_what_is_held_once() -> None:
+    lim = LogLimiter(interval_s=10.0)
+    assert lim.allow("a", now=0.0) == 0
+    for i in range(3):
+        assert lim.allow("a", now=1.0 + i) is None
+    assert lim.take_held() == 3
+    assert lim.take_held() == 0
+
+
+def test_a_full_log_queue_drops_records_and_the_next_one_counts_them() -> None:
+    records: queue.Queue[logging.LogRecord] = queue.Queue(1)
+    front = DroppingQueueHandler(records)
+    log = logging.getLogger("test.dropping")
+    log.propagate = False
+    log.addHandler(front)
+    try:
+        for i in range(3):
+            log.warning("line %d", i)  # never blocks: the second and third are dropped
+        assert front.dropped == 2
+        first = records.get_nowait()
+        assert first.getMessage() == "line 0" and first.args is None
+        log.warning("after")
+        after = records.get_nowait()
+        assert after.getMessage() == "after" and after.log_lines_dropped == 2
+        assert front.dropped == 0
+    finally:
+        log.removeHandler(front)
