@@ -508,10 +508,10 @@ class EngineAPI:
                         reply_to=m.reply_to,
                         user=m.user,
                     )
-                    # The payload came out of a ring frame's decode, which checked its
-                    # structure: one the handler could not decode (bad UTF-8 inside,
-                    # say) is replayed as it was, not refused here.
-                    (msg,) = d.build_many(((m.recipient, m.payload),), opts, raw_checked=True)
+                    # The payload's structure is checked again (a restored letter's
+                    # came from a file); one the handler could not decode (bad UTF-8
+                    # inside, say) is replayed as it was.
+                    (msg,) = d.build_many(((m.recipient, m.payload),), opts)
                 except (EngineError, ValueError, TypeError) as exc:
                     why, error = "rebuild_failed", f"{type(exc).__name__}: {exc}"
             if why:

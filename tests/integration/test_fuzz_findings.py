@@ -39,7 +39,7 @@ def test_a_dead_letter_with_an_undecodable_payload_is_replayed(tmp_path: Any) ->
         async with Engine(config=cfg) as eng:
             await eng.submit_many([("r", BAD_UTF8)], raw_checked=True)  # as the ingress does
             await settled(eng, 1)
-            assert await eng.replay_dead_letters() == 1
+            assert (await eng.replay_dead_letters()).replayed == 1
             await settled(eng, 2)  # dead-lettered again, as it was: nothing lost
             [letter] = eng.dead_letters()
             assert letter.message.payload == BAD_UTF8
