@@ -40,12 +40,14 @@ from tests.chaos.harness import (
 
 REPO = Path(__file__).resolve().parents[2]
 RECIPIENTS = [f"r{i}" for i in range(500)]
+BURST_RECIPIENTS = [f"k{i}" for i in range(100)]  # apart from the stream's: own seqs, no race
+BURST = 20_000  # submitted just before each monitor kill: work in flight when it lands
 EXIT_BOUND_S = 5.0  # "every engine process exits within a few seconds"
 
 
 @pytest.mark.timeout(180)
 def test_sigkill_monitor_repeatedly_loses_nothing(record_dir: Path, report: dict[str, Any]) -> None:
-    total = 600_000
+    total = 600_000  # the paced stream; plus a burst before each kill
     monitor_kills = 3
     assert monitor_kills < MONITOR_RESTART_LIMIT
     cfg = chaos_config()
@@ -65,8 +67,15 @@ def test_sigkill_monitor_repeatedly_loses_nothing(record_dir: Path, report: dict
                 old = eng.monitor.pid
                 old_workers = [p.pid for p in psutil.Process(old).children()]
                 assert len(old_workers) == cfg.workers, old_workers
-                t_kill = sigkill(old)
+                # The paced stream alone may be settled as fast as it comes (in flight 0
+                # at the kill): a burst makes sure the kill meets fetched, unsettled work.
+                kin = BURST_RECIPIENTS
+                burst = [plan.make(kin[i % len(kin)]) for i in range(BURST)]
+                await eng.submit_many(burst)
+                for item in burst:
+                    plan.accept(item)
                 in_flight = eng.stats()["in_flight"]
+                t_kill = sigkill(old)
                 t0 = time.monotonic()
                 # Its workers die with it (PR_SET_PDEATHSIG).
                 while any(alive(p) for p in old_workers):
@@ -100,13 +109,13 @@ def test_sigkill_monitor_repeatedly_loses_nothing(record_dir: Path, report: dict
     asyncio.run(main())
     deliveries = recorder.read_all(record_dir)
     res = checker.check(plan.accepted, deliveries)
-    shard_of = {r: stable_shard(r, cfg.workers) for r in RECIPIENTS}
+    shard_of = {r: stable_shard(r, cfg.workers) for r in RECIPIENTS + BURST_RECIPIENTS}
     rec = checker.recovery(
         deliveries, [(k["t_ns"], shard) for k in kills for shard in range(cfg.workers)], shard_of
     )
     s = facts["stats"]
     report.update(
-        messages=total,
+        messages=total + monitor_kills * BURST,
         monitor_kills=kills,
         checker=res.to_dict(),
         in_flight_window=window_for(cfg) + cfg.batch_size,
@@ -119,8 +128,8 @@ def test_sigkill_monitor_repeatedly_loses_nothing(record_dir: Path, report: dict
     assert res.unexpected == 0 and res.out_of_order == 0, res.examples
     assert res.same_process_duplicates == 0, res.examples
     assert res.duplicated <= s["redelivered"], (res.duplicated, s["redelivered"])
-    assert_conserved(s, total)
-    assert s["delivered"] == total, s
+    assert_conserved(s, total + monitor_kills * BURST)
+    assert s["delivered"] == total + monitor_kills * BURST, s
     assert s["monitor"]["restarts"] == monitor_kills, s["monitor"]
 
 
