@@ -7,6 +7,7 @@ regexes; ``text`` writes the same fields as ``key=value`` after the message.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 import os
@@ -102,9 +103,19 @@ def stop_logging(listener: QueueListener | None) -> None:
         return
     root = logging.getLogger()
     fronts = [h for h in root.handlers if isinstance(h, DroppingQueueHandler)]
-    listener.stop()  # joins the writer thread once it wrote everything queued
     if _direct:
+        # Later lines (other threads at exit too) go straight to stderr: none is left
+        # in a queue that nobody drains any more.
         root.handlers[:] = list(_direct)
+    # Bounded: a full queue or a stderr nobody reads must not hang the exit (the
+    # writer is a daemon thread; what it could not write by then is given up).
+    with contextlib.suppress(queue.Full):
+        listener.queue.put(listener._sentinel, timeout=STOP_LOGGING_S)  # type: ignore[attr-defined]
+    thread = listener._thread
+    if thread is not None:
+        thread.join(STOP_LOGGING_S)
+    listener._thread = None
+    if _direct:
         for front in fronts:
             if front.dropped:
                 root.warning(
@@ -115,6 +126,8 @@ def stop_logging(listener: QueueListener | None) -> None:
 
 
 _direct: list[logging.Handler] = []  # the stderr handler behind the queue, once queued
+STOP_LOGGING_S = 2.0
+"""How long the exit waits for queued log lines to be written (stderr may be stuck)."""
 
 
 def _write_directly() -> None:

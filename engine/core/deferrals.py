@@ -197,6 +197,9 @@ class Deferrals:
         shard, lane = p.shard, p.key[0]
         if p.mark is None:
             if self.written[shard][lane] < p.target:
+                # Some of it still sits in a buffer (a submit_many yielded before its
+                # flush): make sure a flush comes, or nothing would move the release.
+                self.schedule_flush()
                 return False
             p.mark = self.producers[shard][lane].ring.write_pos
         return self.acked[shard][lane] >= p.mark

@@ -170,6 +170,12 @@ class MonitorSupervisor:
         )
         self._restart_task = loop.create_task(self._restart())
 
+    @property
+    def gave_up(self) -> bool:
+        """No monitor restart is running or coming: it died or failed too often."""
+        task = self._restart_task
+        return self.restarts >= MONITOR_RESTART_LIMIT and (task is None or task.done())
+
     async def _restart(self) -> None:
         """Start a new monitor once every worker of the dead one is gone (one consumer per ring)."""
         self.conn.close()

@@ -163,7 +163,10 @@ class Connection:
             self.ingress.warn(
                 self.peer_host, exc.code, "closing connection from %s: %s", self.peer, exc
             )
-            await self.answers.put(Error(0, exc.code, str(exc)))
+            # Never wait here: a peer that stopped reading has filled the queue, and
+            # the linger in _finish bounds what it is still owed.
+            with contextlib.suppress(asyncio.QueueFull):
+                self.answers.put_nowait(Error(0, exc.code, str(exc)))
         except (ConnectionError, asyncio.IncompleteReadError):
             self.hung_up = True  # the client went away; what it had in flight is its to retry
             sender.cancel()
@@ -297,6 +300,12 @@ class Connection:
             try:
                 frame: ClientFrame = client_decoder.decode(body)
             except _UNDECODABLE as exc:
+                if pre_auth:
+                    # Before Hello only a Hello may come: an unauthenticated peer gets
+                    # no answers to pile up (nor a reason to stay); it is closed.
+                    raise ProtocolViolation(
+                        ERR_BAD_FRAME, f"undecodable frame before Hello: {exc}"
+                    ) from None
                 self._count_error(ERR_BAD_FRAME)
                 await self.answers.put(
                     Error(_seq_of(body), ERR_BAD_FRAME, f"undecodable frame: {exc}")

@@ -211,8 +211,8 @@ class BrowserGuard:
     and cross-site requests).
 
     A Host is this service when it is ``localhost``, ``127.0.0.1``, ``[::1]`` or
-    the bound host, with the bound port; any IP literal with the bound port when
-    bound to a wildcard address (a rebinding attack needs a name); or a name of
+    the bound host, at any port (a forwarded port names it too); any IP literal
+    when bound to a wildcard address (a rebinding attack needs a name); or a name of
     ENGINE_ALLOWED_HOSTS (``name`` for any port, ``name:port`` for one; ``*`` =
     any Host).  An Origin is allowed when it is the request's own Host (same
     origin) or a name of ENGINE_ALLOWED_HOSTS.
@@ -234,11 +234,12 @@ class BrowserGuard:
         if parsed is None:
             return self.any
         host, port = parsed
-        if port == self.bound_port:
-            if host in LOCAL_NAMES or host == self.bound_host:
-                return True
-            if self.bound_host in WILDCARDS and _is_ip(host):
-                return True
+        # Any port: a forwarded one (kubectl port-forward, docker -p) names the same
+        # service, and a rebinding attack needs a name of its own, not a port.
+        if host in LOCAL_NAMES or host == self.bound_host:
+            return True
+        if self.bound_host in WILDCARDS and _is_ip(host):
+            return True
         return self._listed(host, port)
 
     def origin_ok(self, origin: str, host_header: str) -> bool:
@@ -251,13 +252,12 @@ class BrowserGuard:
         return parsed is not None and self._listed(*parsed)
 
     def described(self) -> str:
-        port = self.bound_port
-        names = [f"localhost:{port}", f"127.0.0.1:{port}", f"[::1]:{port}"]
+        names = ["localhost", "127.0.0.1", "[::1]"]
         if self.bound_host not in LOCAL_NAMES + WILDCARDS:
-            names.append(f"{self.bound_host}:{port}")
+            names.append(self.bound_host)
         elif self.bound_host in WILDCARDS:
-            names.append(f"any IP address:{port}")
-        return ", ".join(names)
+            names.append("any IP address")
+        return ", ".join(names) + " (any port)"
 
 
 T = TypeVar("T")

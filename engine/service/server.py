@@ -35,6 +35,7 @@ from engine.service.users import Users
 
 log = logging.getLogger("engine.service")
 HTTP_SHUTDOWN_S = 2.0  # after the drain, open HTTP requests get this long to finish
+HTTP_KEEPALIVE_S = 15.0  # an idle HTTP connection is closed after this (aiohttp: ~1 hour)
 SAME_STOP_WINDOW_S = 0.5  # a second stop signal sooner than this is the first one repeated
 STOP_OUTCOMES = ("submitted", "delivered", "dead_lettered", "expired", "redelivered", "abandoned")
 
@@ -104,14 +105,14 @@ class Service:
     def liveness_problems(self) -> list[str]:
         """Why the engine is broken (``/livez`` 503); empty while it is alive.
 
-        Only what a restart of the process would mend: the monitor down (the
-        dispatcher restarts it; a probe that keeps failing means it cannot) or the
+        Only what a restart of the process would mend: the monitor down for good
+        (while the dispatcher is restarting it, only ``/readyz`` fails) or the
         engine closed without a stop being asked for.  Backpressure, a drain or a
         failing handler are not here: a restart would make them worse.
         """
         stats = self.engine.stats()
         problems = []
-        if not stats["monitor"]["alive"]:
+        if not stats["monitor"]["alive"] and self.engine.supervisor.gave_up:
             why = self.engine.monitor_error
             problems.append(f"monitor down: {why}" if why else "monitor down")
         dispatcher = self.engine.dispatcher
@@ -125,6 +126,8 @@ class Service:
         problems = []
         if self.stop_requested.is_set():
             problems.append("shutting down")
+        if not stats["monitor"]["alive"]:
+            problems.append("monitor down (the dispatcher restarts it)")
         problems += [f"worker {w['worker']} down" for w in stats["workers"] if not w["alive"]]
         cluster = stats.get("cluster")
         if cluster is not None and not cluster["leases"]["connected"]:
@@ -180,6 +183,9 @@ class Service:
                 access_log=None,
                 handle_signals=False,
                 shutdown_timeout=HTTP_SHUTDOWN_S,
+                # Idle connections, one that never sends a request too, are closed
+                # after this: they hold a slot of ENGINE_HTTP_MAX_CONNECTIONS.
+                keepalive_timeout=HTTP_KEEPALIVE_S,
             )
             await self.runner.setup()
             site = web.TCPSite(self.runner, cfg.host, cfg.http_port, reuse_address=True)

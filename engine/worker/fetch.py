@@ -64,8 +64,10 @@ class Fetching(Runners):
                     # Sync sinks: this lane has a ready backlog (a frame the fast path
                     # ran out of time on).  Its next frame would join the backlog and
                     # the lane would stay on the queued path for good: let the inline
-                    # runner drain it first (the reader yields), then fetch on.
-                    return max_frames
+                    # runner drain it first (the reader waits for its settles), then
+                    # fetch on.
+                    self.backlog_hold = True
+                    return taken
                 try:
                     frames, ends = consumers[lane].drain(max_frames=1)
                 except CorruptFrameError as exc:
@@ -195,7 +197,15 @@ class Fetching(Runners):
             beat()  # progress is a sign of life too, whatever the timer's luck on a busy host
             if self.out:
                 self.flush_wanted.set()
-            if full_round and not self.window_full():
+            if self.backlog_hold:
+                # A sync lane's backlog drains first; its settles wake the reader (the
+                # inline runner may be awaiting an awaitable: no spinning meanwhile).
+                self.backlog_hold = False
+                self.wake.clear()
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(self.config.heartbeat_interval_s):
+                        await self.wake.wait()
+            elif full_round and not self.window_full():
                 await asyncio.sleep(0)  # more is waiting: let the flusher and heartbeat run
             elif self.window_full():
                 self.wake.clear()

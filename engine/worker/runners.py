@@ -98,9 +98,17 @@ class Runners(Settling):
                 settling = 0
             if now > deadline or self.stopping:
                 # Out of time: the rest waits in the queue for the inline runner,
-                # which yields between messages when they are slow.
+                # which yields between messages when they are slow (a parked
+                # recipient's are handed back behind its elders, as above).
                 for j in range(i, len(msgs)):
-                    self._queue(Pending(msgs[j], track, j), lane)
+                    m = msgs[j]
+                    if parked and (lane, m.recipient) in parked:
+                        if m.released:
+                            parked.discard((lane, m.recipient))
+                            self.parked_dirty = True
+                        elif self._follow(Pending(m, track, j)):
+                            continue
+                    self._queue(Pending(m, track, j), lane)
                 break
             expires = msg.expires_ns
             if expires and now >= expires:

@@ -108,6 +108,7 @@ class WorkerState:
         # others (README: where duplicates come from).
         self.uncommitted = 0
         self.timed = 0
+        self.backlog_hold = False  # fetch held back for a sync lane's backlog (reader waits)
         # (lane, recipient) pairs whose messages are handed back to the dispatcher, in
         # order, while one of them waits out a long retry there (settle: _park); kept in
         # the shard's slot so the next worker of the shard goes on where this one stops.

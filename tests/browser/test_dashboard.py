@@ -37,6 +37,11 @@ def test_the_page_loads_live_with_no_console_errors(page: Page, tmp_path: Path) 
             "document.querySelector('[data-metric=delivered]').textContent === '500'",
             timeout=SEEN_WITHIN_S,
         )
+        # A rate needs two samples of the history: a dash until the second one comes.
+        page.page.wait_for_function(
+            "/^[0-9,]+$/.test(document.querySelector('[data-metric=msgs_per_s]').textContent)",
+            timeout=SEEN_WITHIN_S,
+        )
         for name in ("submitted", "delivered", "in_flight", "dead_lettered", "msgs_per_s"):
             assert page.metric(name) >= 0, name
         assert page.metric("submitted") == 500

@@ -99,6 +99,16 @@ def test_a_huge_frame_before_hello_is_refused_by_the_pre_auth_limit(svc: Service
     )
 
 
+def test_undecodable_frames_before_hello_close_the_connection_at_once(svc: ServiceProc) -> None:
+    """An unauthenticated peer gets no stream of answers to pile up, nor time to stay."""
+    with RawConn(svc.url) as conn:
+        conn.send((HEADER.pack(3) + b"\xc1\xc1\xc1") * 50)
+        answers = conn.read_to_eof()
+    assert len(answers) == 1 and isinstance(answers[0], Error), answers
+    assert answers[0].code == "bad_frame"
+    assert answers[0].reason.startswith("undecodable frame before Hello"), answers[0].reason
+
+
 def test_a_hello_with_the_longest_token_still_fits(svc: ServiceProc) -> None:
     with RawConn(svc.url) as conn:
         assert isinstance(conn.hello(TOKEN), Welcome)
@@ -210,13 +220,15 @@ def test_a_cross_origin_simple_post_is_refused_and_nothing_is_queued(svc: Servic
 
 def test_a_foreign_host_is_refused_as_dns_rebinding(svc: ServiceProc) -> None:
     p = port(svc)
-    for host in (f"evil.example:{p}", "localhost:1", f"10.1.2.3:{p}", "evil.example"):
+    for host in (f"evil.example:{p}", f"10.1.2.3:{p}", "evil.example"):
         status, out = http(svc, "GET", "/v1/dead-letters", token=TOKEN, headers={"Host": host})
         assert status == 421, (host, out)
         reason = json.loads(out)["reason"]
-        assert reason.startswith(f"Host {host!r} is not this service (localhost:{p}, 127.0.0.1")
+        assert reason.startswith(f"Host {host!r} is not this service (localhost, 127.0.0.1")
         assert reason.endswith("nor in ENGINE_ALLOWED_HOSTS")
-    for host in (f"localhost:{p}", f"127.0.0.1:{p}", f"[::1]:{p}", ALLOWED, f"{ALLOWED}:8443"):
+    # Any port of this service's own names: a forwarded port (port-forward, docker -p).
+    local = (f"localhost:{p}", "localhost:1", f"127.0.0.1:{p}", f"[::1]:{p}")
+    for host in (*local, ALLOWED, f"{ALLOWED}:8443"):
         status, out = http(svc, "GET", "/stats", token=TOKEN, headers={"Host": host})
         assert status == 200, (host, out)
     # The probes answer whatever the Host (a kubelet names the pod's IP).

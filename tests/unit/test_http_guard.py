@@ -13,8 +13,8 @@ from engine.service.http import BrowserGuard, decode_cursor, encode_cursor
         ("127.0.0.1:7000", "", "127.0.0.1:7000", True),
         ("127.0.0.1:7000", "", "LOCALHOST:7000", True),
         ("127.0.0.1:7000", "", "[::1]:7000", True),
-        ("127.0.0.1:7000", "", "localhost:7001", False),
-        ("127.0.0.1:7000", "", "localhost", False),  # port 80 is not the bound port
+        ("127.0.0.1:7000", "", "localhost:9000", True),  # a forwarded port: the same service
+        ("127.0.0.1:7000", "", "localhost", True),
         ("127.0.0.1:7000", "", "rebind.example:7000", False),
         ("127.0.0.1:7000", "", "10.0.0.5:7000", False),  # not the bound address
         ("127.0.0.1:80", "", "localhost", True),

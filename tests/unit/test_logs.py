@@ -76,3 +76,34 @@ def test_a_full_log_queue_drops_records_and_the_next_one_counts_them() -> None:
         assert front.dropped == 0
     finally:
         log.removeHandler(front)
+
+
+def test_stopping_the_log_queue_never_hangs_on_a_stuck_stderr() -> None:
+    """A full queue and a writer stuck in write(): the exit gives up after its bound."""
+    import logging
+    import queue
+    import threading
+    from logging.handlers import QueueListener
+
+    from engine import logs
+
+    release = threading.Event()
+
+    class Stuck(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            release.wait()  # a stderr pipe nobody reads
+
+    q: queue.Queue[logging.LogRecord | None] = queue.Queue(maxsize=4)
+    listener = QueueListener(q, Stuck())
+    listener.start()
+    try:
+        for i in range(5):  # one taken by the stuck writer, four fill the queue
+            q.put(logging.makeLogRecord({"msg": f"line {i}"}), timeout=5)
+        done = threading.Event()
+        stopper = threading.Thread(target=lambda: (logs.stop_logging(listener), done.set()))
+        stopper.start()
+        stopper.join(4 * logs.STOP_LOGGING_S + 5)
+        assert done.is_set(), "stop_logging hung on a stuck log writer"
+        assert listener._thread is None
+    finally:
+        release.set()
