@@ -146,6 +146,14 @@ def _keep_alive_request(sock: socket.socket, svc: ServiceProc) -> bytes:
     return data
 
 
+def test_an_idle_http_connection_is_closed_and_gives_its_slot_back(svc: ServiceProc) -> None:
+    """One that never sends a request too (else idle connects could hold every slot)."""
+    with socket.create_connection(("127.0.0.1", port(svc)), timeout=120) as sock:
+        wait_stats(svc, lambda s: s["service"]["http_connections_active"] >= 2)
+        assert sock.recv(4096) == b""  # closed by the service, nothing sent (aiohttp: ~1 h)
+    wait_stats(svc, lambda s: s["service"]["http_connections_active"] == 1)  # only /stats'
+
+
 def test_http_connections_over_the_cap_get_503_and_a_freed_slot_serves_again(
     svc: ServiceProc,
 ) -> None:
