@@ -158,15 +158,10 @@ class Fetching(Runners):
         for i, msg in enumerate(msgs):
             p = Pending(msg, track, i)
             if parked and (lane, msg.recipient) in parked:
-                if msg.released:
-                    # The dispatcher wrote back what it held: deliver from here on.
-                    parked.discard((lane, msg.recipient))
-                    self.parked_dirty = True
-                else:
-                    self.unsettled += 1
-                    if self._follow(p):
-                        continue
-                    self.unsettled -= 1  # too large to hand back: delivered in place
+                self.unsettled += 1  # settled (as deferred) if handed back
+                if self._parked_hand_back(msg, track, i):
+                    continue
+                self.unsettled -= 1  # released, or too large to hand back: delivered here
             recipient = msg.recipient
             st = states.get(recipient)
             if st is None:

@@ -83,12 +83,8 @@ class Runners(Settling):
         settles: list[int] = []
         settling = 0  # created_ns of the delivery whose settle time the next clock read is
         for i, msg in enumerate(msgs):
-            if parked and (lane, msg.recipient) in parked:
-                if msg.released:
-                    parked.discard((lane, msg.recipient))  # the dispatcher wrote it back
-                    self.parked_dirty = True
-                elif self._follow(Pending(msg, track, i)):
-                    continue  # handed back, behind its elders
+            if parked and (lane, msg.recipient) in parked and self._parked_hand_back(msg, track, i):
+                continue  # handed back, behind its elders
             if msg.recipient in states or (quarantine and (lane, track.end, i) in quarantine):
                 self._queue(Pending(msg, track, i), lane)
                 continue
@@ -102,12 +98,12 @@ class Runners(Settling):
                 # recipient's are handed back behind its elders, as above).
                 for j in range(i, len(msgs)):
                     m = msgs[j]
-                    if parked and (lane, m.recipient) in parked:
-                        if m.released:
-                            parked.discard((lane, m.recipient))
-                            self.parked_dirty = True
-                        elif self._follow(Pending(m, track, j)):
-                            continue
+                    if (
+                        parked
+                        and (lane, m.recipient) in parked
+                        and self._parked_hand_back(m, track, j)
+                    ):
+                        continue
                     self._queue(Pending(m, track, j), lane)
                 break
             expires = msg.expires_ns

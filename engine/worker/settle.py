@@ -18,7 +18,14 @@ import msgspec
 from engine.backoff import backoff_s
 from engine.errors import Reject, Retry
 from engine.worker.commit import NIL, Committing
-from engine.worker.delivery import DEAD_LETTERED, DEFERRED, DELIVERED, EXPIRED, Pending
+from engine.worker.delivery import (
+    DEAD_LETTERED,
+    DEFERRED,
+    DELIVERED,
+    EXPIRED,
+    FrameTrack,
+    Pending,
+)
 from engine.worker.failures import describe, exc_text, format_traceback
 from engine.worker.lanes import Lanes
 from engine.worker.state import LATENCY_BUFFER, SPARE_LANES
@@ -196,6 +203,19 @@ class Settling(Lanes, Committing):
         self._careful_skip(p)
         self._send_back(p, rec)
         return True
+
+    def _parked_hand_back(self, msg: Message, track: FrameTrack, index: int) -> bool:
+        """For a message of a parked recipient: True if it was handed back (skip it).
+
+        The dispatcher's written-back head (``released``) unparks the recipient and is
+        delivered; a message too large to hand back is delivered in place (`_follow`).
+        """
+        key = (track.lane, msg.recipient)
+        if msg.released:
+            self.parked.discard(key)  # the dispatcher wrote back what it held
+            self.parked_dirty = True
+            return False
+        return self._follow(Pending(msg, track, index))
 
     def _careful_skip(self, p: Pending) -> None:
         """Overridden by the runners (careful mode's count of the redelivery window)."""
