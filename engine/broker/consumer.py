@@ -8,15 +8,17 @@ first (XAUTOCLAIM as a janitor).  An entry already delivered
 ENGINE_POISON_MAX_CRASHES times to owners that never acknowledged it goes to
 the dead-letter stream (``worker_crash``) instead.
 
-Reading: one blocking XREADGROUP at a time (its own pooled connection), at
-most ENGINE_BROKER_READ_COUNT entries, and no more than a window of entries
-unacknowledged.  Each read becomes a group: its messages are queued with
-`Dispatcher.enqueue_many` (one coroutine per partition, so entries keep their
-id order and every recipient its order) and the ring marks they must settle
-past are kept.  The acker waits for the oldest group's marks, then acks in
-one fenced script (`scripts.SETTLE`) every settled group, with the dead
-letters and settle notices they produced and a trim of the stream below the
-oldest entry still unacknowledged.
+Reading: one read at a time (its own pooled connection), at most
+ENGINE_BROKER_READ_COUNT entries, and no more than a window of entries
+unacknowledged.  The group read is fenced like every other write
+(`scripts.READ`); when it finds nothing new, a plain blocking XREAD, which
+changes nothing in Redis, waits for the next entry.  Each read becomes a
+group: its messages are queued with `Dispatcher.enqueue_many` (one coroutine
+per partition, so entries keep their id order and every recipient its order)
+and the ring marks they must settle past are kept.  The acker waits for the
+oldest group's marks, then acks in one fenced script (`scripts.SETTLE`) every
+settled group, with the dead letters and settle notices they produced and a
+trim of the stream below the oldest entry still unacknowledged.
 """
 
 from __future__ import annotations
@@ -151,24 +153,40 @@ class PartitionConsumer:
         self.changed.set()
 
     async def _read(self, cursor: bytes, block: int | None) -> list[tuple[bytes, Any]]:
-        client, lease = self.node.reader, self.lease
+        """One fenced group read; when it finds nothing and ``block`` is set, wait for an entry.
+
+        Never a blocking XREADGROUP: one sent before a pause and served after the
+        lease passed on would move new entries into the pending list behind the
+        successor's back (see `scripts.READ`).  Returns [] after a wait; the
+        caller reads again.
+        """
+        client, lease, keys = self.node.reader, self.lease, self.node.keys
+        script_keys = [self.stream, keys.leases[self.p], keys.epochs[self.p]]
+        args = [lease.token, lease.epoch, GROUP, self.name, self.read_count, cursor]
 
         async def op() -> Any:
             try:
-                return await client.xreadgroup(
-                    GROUP, self.name, {self.stream: cursor}, count=self.read_count, block=block
-                )
+                return await scripts.read(client, script_keys, args)
             except ResponseError as exc:
                 if "NOGROUP" not in str(exc):
                     raise
                 await self.node.create_group(self.p)  # Redis lost it (restart without data)
-                return []
+                return [0, b"0-0"]
 
-        resp = await retrying(op, f"XREADGROUP of partition {self.p}", lambda: not lease.valid())
-        if not resp:
-            return []
-        entries: list[tuple[bytes, Any]] = resp[0][1]
-        return entries
+        what = f"the read of partition {self.p}"
+        resp = await retrying(op, what, lambda: not lease.valid())
+        if resp == -1:
+            raise LeaseLost(f"partition {self.p} was fenced: another node holds it now")
+        found, body = resp
+        if found:
+            return [(eid, _fields(flat)) for eid, flat in body]
+        if block is not None:
+            await retrying(
+                lambda: client.xread({self.stream: body}, count=1, block=block),
+                f"the wait for entries of partition {self.p}",
+                lambda: not lease.valid(),
+            )
+        return []
 
     async def _claim_strays(self) -> None:
         """Entries pending under other consumer names become this partition's own."""
@@ -373,6 +391,16 @@ class PartitionConsumer:
 
 def _settled(acked: list[list[int]], marks: list[tuple[int, int, int]]) -> bool:
     return all(acked[s][lane] >= pos for s, lane, pos in marks)
+
+
+def _fields(flat: list[bytes] | None) -> dict[bytes, bytes] | None:
+    """A script's flat [field, value, ...] list as redis-py's stream replies give it.
+
+    None for an entry deleted since it was delivered (its pending id remains).
+    """
+    if flat is None:
+        return None
+    return dict(zip(flat[::2], flat[1::2], strict=True))
 
 
 def _successor(eid: bytes) -> bytes:

@@ -1,7 +1,7 @@
 """The Lua scripts of cluster mode: leases with fencing epochs, fenced acks, dedup XADD.
 
-Every write a partition owner makes (ack, dead letters, trimming, replies) runs
-in a script that first checks the fencing epoch: ``INCR`` gives each lease
+Every write a partition owner makes (its group reads, acks, dead letters,
+trimming, replies) runs in a script that first checks the fencing epoch: ``INCR`` gives each lease
 acquisition a new epoch, and a write carries the epoch its lease was taken
 with.  An owner that was paused past its lease (SIGSTOP, GC, swap) finds the
 epoch moved on, or the lease held by another node, and its write does
@@ -105,6 +105,25 @@ return acked
 """
 )
 
+READ = (
+    _FENCE
+    + """
+-- KEYS: stream, lease, epoch   ARGV: token, epoch, group, consumer, count, cursor
+-- -> -1 when fenced (nothing read), {1, {{id, fields}...}}, or {0, last id of the stream}
+-- A group read is a write: it moves entries into the pending list and the group's
+-- cursor past them.  Unfenced, a read sent by an owner paused past its lease would
+-- hide new entries from its successor (already past the pending ones) until the
+-- partition changed hands again.
+if fenced(KEYS[2], KEYS[3], ARGV[1], ARGV[2]) then return -1 end
+local r = redis.call('XREADGROUP', 'GROUP', ARGV[3], ARGV[4], 'COUNT', ARGV[5],
+                     'STREAMS', KEYS[1], ARGV[6])
+if r and #r[1][2] > 0 then return {1, r[1][2]} end
+local last = redis.call('XREVRANGE', KEYS[1], '+', '-', 'COUNT', 1)
+if #last > 0 then return {0, last[1][1]} end
+return {0, '0-0'}
+"""
+)
+
 REPLY = (
     _FENCE
     + """
@@ -194,11 +213,12 @@ acquire = Script(ACQUIRE)
 renew = Script(RENEW)
 release = Script(RELEASE)
 settle = Script(SETTLE)
+read = Script(READ)
 reply = Script(REPLY)
 produce = Script(PRODUCE)
 heartbeat = Script(HEARTBEAT)
 leave = Script(LEAVE)
-ALL = (acquire, renew, release, settle, reply, produce, heartbeat, leave)
+ALL = (acquire, renew, release, settle, read, reply, produce, heartbeat, leave)
 
 
 async def load_all(client: Redis) -> None:

@@ -18,6 +18,7 @@ import pytest
 import redis
 
 from engine import Config, ConfigError, Engine, RequestTimeout
+from engine.broker import scripts
 from engine.broker.partitions import GROUP, Keys
 from engine.core.sharding import stable_shard
 from ipc.codec import Message, encode_batch
@@ -209,3 +210,41 @@ def test_an_entry_delivered_too_often_goes_to_the_dlq(
     assert b"delivered 3 times" in fields[b"error"]
     assert all(b != {"x": 1} for _, b, _ in read(out))
     assert r.xpending(k.streams[p], GROUP)["pending"] == 0
+
+
+def test_a_read_sent_before_the_lease_passed_on_takes_nothing_from_the_successor(
+    redis_server: RedisServer, namespace: str, out: Path, r: redis.Redis
+) -> None:
+    """A node's read in flight when another node takes its partition must not take new entries.
+
+    Another owner ("other", played by the test) takes the lease the way a node
+    does once this node's lease has run out, reads what is pending, and goes
+    live.  An entry added then must reach the successor's live read: a group read
+    of the old owner that was already waiting in Redis (a blocking XREADGROUP,
+    as a paused node leaves behind) would move it into the pending list, where
+    the successor never looks again, and deliver it beside the new owner.
+    """
+    k = Keys(namespace, 8)
+    p = stable_shard("P", 8)
+
+    async def main() -> None:
+        async with Engine(HANDLER, node_config(redis_server.url, namespace)) as eng:
+            await eng.submit("P", {"n": 0})
+            await until(lambda: any(b == {"n": 0} for _, b, _ in read(out)))
+            await asyncio.sleep(0.3)  # the node's consumer of p is live (waiting for entries)
+            take = r.pipeline(transaction=True)
+            take.delete(k.leases[p])
+            take.eval(scripts.ACQUIRE, 2, k.leases[p], k.epochs[p], "other", 60_000)
+            epoch = int(take.execute()[1][0])
+            assert epoch > 1
+            r.xreadgroup(GROUP, k.consumers[p], {k.streams[p]: "0"})  # the successor's pending read
+            body = msgspec.Raw(msgspec.msgpack.encode({"n": 1}))
+            msg = Message(id=78, recipient="P", payload=body)
+            head = msgspec.msgpack.encode(["other", time.time_ns(), time.monotonic_ns(), False])
+            eid = r.xadd(k.streams[p], {"m": encode_batch([msg]), "h": head})
+            await asyncio.sleep(0.5)  # what the node does with it, it has done by now
+            live = r.xreadgroup(GROUP, k.consumers[p], {k.streams[p]: ">"})
+            assert [e[0] for _, entries in live for e in entries] == [eid], live
+
+    asyncio.run(main())
+    assert all(b != {"n": 1} for _, b, _ in read(out))  # the old owner never delivered it

@@ -112,6 +112,36 @@ def test_a_stale_epoch_cannot_ack_dead_letter_or_trim(r: redis.Redis, namespace:
     assert r.xrange(k.dlq)[0][1] == {b"id": b"7", b"reason": b"rejected"}
 
 
+def read(r: redis.Redis, k: Keys, p: int, token: str, epoch: int, cursor: str = ">") -> Any:
+    keys = [k.streams[p], k.leases[p], k.epochs[p]]
+    return run(r, scripts.read, keys, [token, epoch, GROUP, k.consumers[p], 10, cursor])
+
+
+def test_a_stale_epoch_cannot_read_the_group(r: redis.Redis, namespace: str) -> None:
+    """A read is a write: a paused owner's read must not move entries its successor needs."""
+    k = Keys(namespace, 2)
+    r.xgroup_create(k.streams[0], GROUP, id="0", mkstream=True)
+    acquire(r, k, 0, "a", ttl=1)
+    r.delete(k.leases[0])
+    assert acquire(r, k, 0, "b") == (2, b"")
+    assert read(r, k, 0, "b/2", 2, "0") == [0, b"0-0"]  # b: nothing pending, now live
+    new = r.xadd(k.streams[0], {"m": b"\x90", "h": b""})
+    assert read(r, k, 0, "a/1", 1) == -1  # a wakes up and reads: fenced
+    assert read(r, k, 0, "a/1", 1, "0") == -1
+    assert r.xpending(k.streams[0], GROUP)["pending"] == 0  # nothing moved
+    assert read(r, k, 0, "b/2", 2) == [1, [[new, [b"m", b"\x90", b"h", b""]]]]
+    assert read(r, k, 0, "b/2", 2) == [0, new]  # caught up: the id to wait after
+
+
+def test_a_read_under_an_expired_untaken_lease_goes_through(r: redis.Redis, namespace: str) -> None:
+    k = Keys(namespace, 2)
+    ids = stream_with_pending(r, k, 1, 2)
+    acquire(r, k, 1, "a")
+    r.delete(k.leases[1])  # expired, and no other node acquired since: still a's epoch
+    got = read(r, k, 1, "a/1", 1, "0")
+    assert got[0] == 1 and [e[0] for e in got[1]] == ids
+
+
 def test_an_expired_untaken_lease_still_acks_with_its_epoch(r: redis.Redis, namespace: str) -> None:
     k = Keys(namespace, 2)
     ids = stream_with_pending(r, k, 1, 2)
