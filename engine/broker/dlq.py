@@ -71,8 +71,17 @@ async def read_letters(client: Redis, key: str, limit: int) -> list[tuple[bytes,
     return out
 
 
-async def list_views(client: Redis, key: str, limit: int) -> list[DeadLetterView]:
-    return [view(dl) for _, dl in await read_letters(client, key, limit)]
+async def list_views(
+    client: Redis, key: str, limit: int
+) -> list[tuple[tuple[int, int], DeadLetterView]]:
+    """(position, view) of the oldest ``limit`` letters: the position is the stream id
+    (milliseconds, sequence), unique and only growing, as page cursors need."""
+    return [(stream_position(eid), view(dl)) for eid, dl in await read_letters(client, key, limit)]
+
+
+def stream_position(eid: bytes) -> tuple[int, int]:
+    ms, _, seq = eid.partition(b"-")
+    return int(ms), int(seq)
 
 
 def replay_options(dl: DeadLetter) -> dict[str, Any]:

@@ -376,7 +376,7 @@ class ClusterNode:
             return False
         return True
 
-    async def dead_letters(self) -> list[DeadLetterView]:
+    async def dead_letters(self) -> list[tuple[tuple[int, int], DeadLetterView]]:
         return await list_views(self.client, self.keys.dlq, max(1, self.config.dlq_max))
 
     async def replay_dead_letters(self) -> ReplayReport:

@@ -476,6 +476,12 @@ class EngineAPI:
             raise EngineClosed("the engine was never started")
         return self.dispatcher.dead.items()
 
+    def positioned_dead_letters(self) -> list[tuple[int, DeadLetter]]:
+        """(position, letter), oldest first: positions only grow (page cursors use them)."""
+        if self.dispatcher is None:
+            raise EngineClosed("the engine was never started")
+        return self.dispatcher.dead.positioned()
+
     async def replay_dead_letters(self, ids: Iterable[int] | None = None) -> ReplayReport:
         """Resubmit the stored dead letters (only those of message ``ids`` when given) as
         fresh messages, attempts reset, one letter at a time.

@@ -171,6 +171,10 @@ class DeadLetterStore:
     ) -> None:
         self.limit = limit
         self._items: OrderedDict[int, DeadLetter] = OrderedDict()
+        # Store key -> when it was stored (a count that only grows): the order of
+        # `_items`, and a position that stays meaningful after its letter is gone.
+        self._stored: dict[int, int] = {}
+        self._stored_count = 0
         self._encoder = msgspec.json.Encoder()
         self.dropped = 0
         self.drop_log = LogLimiter(drop_log_interval_s)
@@ -213,9 +217,10 @@ class DeadLetterStore:
             mid = self._anonymous
         elif mid in self._items:
             return False
-        self._items[mid] = dl
+        self._store(mid, dl)
         if len(self._items) > self.limit:
-            _, old = self._items.popitem(last=False)
+            old_key, old = self._items.popitem(last=False)
+            del self._stored[old_key]
             self.dropped += 1
             held = self.drop_log.allow("evicted")
             if held is not None:
@@ -288,8 +293,19 @@ class DeadLetterStore:
         if not bad and len(kept) < sum(1 for raw in lines if raw.strip()):
             _compact(path, [raw for _, raw in kept])
 
+    def _store(self, key: int, dl: DeadLetter) -> None:
+        self._stored_count += 1
+        self._items[key] = dl
+        self._stored[key] = self._stored_count
+
     def items(self) -> list[DeadLetter]:
         return list(self._items.values())
+
+    def positioned(self) -> list[tuple[int, DeadLetter]]:
+        """(position, letter), oldest first; positions only grow, so a page cursor that
+        names one still says where to go on after its letter was evicted or replayed."""
+        stored = self._stored
+        return [(stored[key], dl) for key, dl in self._items.items()]
 
     def get(self, message_id: int) -> DeadLetter | None:
         return self._items.get(message_id)
@@ -306,6 +322,7 @@ class DeadLetterStore:
 
     def pop(self, key: int) -> DeadLetter | None:
         """Remove the letter stored under ``key`` (see `entries`); None if it is gone."""
+        self._stored.pop(key, None)
         return self._items.pop(key, None)
 
     def replayed(self, dl: DeadLetter) -> None:
@@ -314,8 +331,8 @@ class DeadLetterStore:
             self._mirror.write(b'{"replayed":%d}\n' % dl.message.id)
 
     def put_back(self, key: int, dl: DeadLetter) -> None:
-        """Store again a letter `pop` took (a replay that could not queue it)."""
-        self._items[key] = dl
+        """Store again a letter `pop` took (a replay that could not queue it), as the newest."""
+        self._store(key, dl)
 
     def __len__(self) -> int:
         return len(self._items)

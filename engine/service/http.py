@@ -263,62 +263,64 @@ class BrowserGuard:
 T = TypeVar("T")
 
 
-def encode_cursor(key: tuple[int, int]) -> str:
-    raw = _json.encode(list(key))
+class _Cursor(msgspec.Struct, forbid_unknown_fields=True):
+    """What a page cursor holds: the position of the last letter of the page before."""
+
+    after: tuple[int, int]
+
+
+def encode_cursor(position: tuple[int, int]) -> str:
+    raw = _json.encode(_Cursor(position))
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
 def decode_cursor(text: str) -> tuple[int, int] | None:
-    """The (message id, time) key a cursor holds; None when it is not one of ours."""
+    """The letter position a cursor holds; None when it is not one of ours."""
     try:
         raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
-        key = msgspec.json.decode(raw, type=tuple[int, int])
+        cursor = msgspec.json.decode(raw, type=_Cursor)
     except (binascii.Error, ValueError, *_UNDECODABLE):
         return None
-    return key
+    return cursor.after
 
 
 def _page(
-    request: web.Request, items: Sequence[T], key: Callable[[T], tuple[int, int]]
-) -> tuple[Sequence[T], dict[str, str]]:
-    """The page of ``items`` that ``limit`` and ``cursor`` (or ``offset``) ask for, and
-    the headers: X-Total-Count, and X-Next-Cursor with a Link rel="next" when more remain.
+    request: web.Request, items: Sequence[tuple[tuple[int, int], T]], newest_first: bool
+) -> tuple[list[T], dict[str, str]]:
+    """The page of ``items`` ((position, item), oldest first) that ``limit`` and
+    ``cursor`` (or ``offset``) ask for, and the headers: X-Total-Count, and
+    X-Next-Cursor with a Link rel="next" when more remain.
 
-    A cursor is the key of the last letter of the previous page, so a walk sees
-    every letter once though new ones arrive behind it; a cursor whose letter is
-    gone (evicted or replayed) is answered 410: start the walk again.
+    A cursor is the position of the last letter of the previous page, and
+    positions only grow: the next page starts after it (before it, newest first)
+    whether that letter is still stored or was evicted or replayed meanwhile, so a
+    walk sees every letter that stays stored exactly once, new ones included.
     """
     limit = _query_int(request, "limit", DEAD_LETTER_DEFAULT_PAGE, 1, DEAD_LETTER_PAGE)
     offset = _query_int(request, "offset", 0, 0, 1 << 62)
+    ordered = list(reversed(items)) if newest_first else list(items)
     start = offset
     if "cursor" in request.query:
         if "offset" in request.query:
             _raise_bad_request("give cursor or offset, not both")
-        wanted = decode_cursor(request.query["cursor"])
-        if wanted is None:
+        after = decode_cursor(request.query["cursor"])
+        if after is None:
             _raise_bad_request(
                 "cursor is not a cursor this service gave (use X-Next-Cursor as it is)"
             )
-        found = next((i for i, item in enumerate(items) if key(item) == wanted), None)
-        if found is None:
-            body = _json.encode(
-                {
-                    "error": "cursor_gone",
-                    "reason": "the cursor's dead letter is no longer stored (evicted or "
-                    "replayed); list again from the start",
-                }
-            )
-            raise web.HTTPGone(body=body, content_type="application/json")
-        start = found + 1
-    page = items[start : start + limit]
+        start = next(
+            (i for i, (p, _) in enumerate(ordered) if (p < after if newest_first else p > after)),
+            len(ordered),
+        )
+    page = ordered[start : start + limit]
     headers = {"X-Total-Count": str(len(items))}
-    if page and start + limit < len(items):
-        cursor = encode_cursor(key(page[-1]))
+    if page and start + limit < len(ordered):
+        cursor = encode_cursor(page[-1][0])
         query = {k: v for k, v in request.query.items() if k not in ("cursor", "offset")}
         link = request.rel_url.with_query({**query, "cursor": cursor})
         headers["X-Next-Cursor"] = cursor
         headers["Link"] = f'<{link}>; rel="next"'
-    return page, headers
+    return [item for _, item in page], headers
 
 
 def _raise_bad_request(reason: str) -> NoReturn:
@@ -555,37 +557,29 @@ def make_app(service: Service) -> web.Application:
         filter; ``limit`` (default 100, at most 1,000) and ``cursor`` (or ``offset``)
         page.  The body stays a plain list; ``X-Total-Count`` says how many matched,
         ``X-Next-Cursor`` and ``Link: <...>; rel="next"`` where the next page is."""
-        from engine.core.deadletters import DeadLetterView, view
+        from engine.core.deadletters import view
 
         reason = request.query.get("reason", "")
         recipient = request.query.get("recipient", "")
         newest_first = request.query.get("newest_first", "") in ("1", "true", "yes")
         if service.engine.cluster is not None:  # the cluster's DLQ stream
             views = [
-                v
-                for v in await service.engine.cluster.dead_letters()
+                (position, v)
+                for position, v in await service.engine.cluster.dead_letters()
                 if (not reason or v.reason == reason)
                 and (not recipient or v.recipient == recipient)
             ]
-            if newest_first:
-                views.reverse()
-
-            def view_key(v: DeadLetterView) -> tuple[int, int]:
-                return (v.id, 0)
-
-            shown, headers = _page(request, views, view_key)
-            resp = _reply(200, list(shown))
+            shown, headers = _page(request, views, newest_first)
+            resp = _reply(200, shown)
             resp.headers.update(headers)
             return resp
         letters = [
-            dl
-            for dl in service.engine.dead_letters()
+            ((position, 0), dl)
+            for position, dl in service.engine.positioned_dead_letters()
             if (not reason or dl.reason == reason)
             and (not recipient or dl.message.recipient == recipient)
         ]
-        if newest_first:
-            letters.reverse()
-        page, headers = _page(request, letters, lambda dl: (dl.message.id, dl.at_ns))
+        page, headers = _page(request, letters, newest_first)
         resp = _reply(200, [view(dl) for dl in page])
         resp.headers.update(headers)
         return resp

@@ -169,7 +169,9 @@ def test_dead_letters_go_to_the_dlq_stream_and_replay(
             await eng.submit("X", {"reject": 1})
             await eng.submit("Y", {"ok": 1})
             await until(lambda: r.xlen(k.dlq) == 1)
-            [letter] = await eng.cluster.dead_letters()
+            [(position, letter)] = await eng.cluster.dead_letters()
+            eid = r.xrange(k.dlq)[0][0]
+            assert position == tuple(map(int, eid.split(b"-")))  # the stream id, for cursors
             assert (letter.recipient, letter.reason, letter.payload) == (
                 "X",
                 "rejected",
