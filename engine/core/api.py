@@ -524,15 +524,19 @@ class EngineAPI:
                 dl.replay_error = error
                 kept[why] = kept.get(why, 0) + 1
                 continue
+            await d.room(msg)  # cancelled while it waits: nothing queued, the letter stays
             if d.dead.pop(key) is None:
                 continue  # a concurrent replay took it meanwhile
             try:
-                await d.enqueue(msg)
+                buf = d.queue(msg)
             except BaseException:
-                d.dead.put_back(key, dl)  # not queued: the letter stays
+                d.dead.put_back(key, dl)  # not queued (the engine stopped): the letter stays
                 raise
             d.dead.replayed(dl)
             replayed += 1
+            # Queued: a cancel from here on must not keep the letter too (it would be
+            # delivered and stay stored, and a second replay would deliver it again).
+            await d.backpressure(buf)
         return ReplayReport(replayed, sum(kept.values()), kept)
 
 

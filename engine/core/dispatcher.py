@@ -128,13 +128,35 @@ class Dispatcher:
         return buf
 
     async def enqueue(self, out: Outgoing) -> None:
+        await self.room(out)
+        await self.backpressure(self._append(out))
+
+    async def room(self, out: Outgoing) -> None:
+        """Wait until ``out`` may be queued: a parked recipient's FIFO is bounded."""
         if self.holding and (out[2], out[1]) in self.holding:
             await self.deferrals.wait_room(out[2], out[1], len(out[3]))
-        buf = self._append(out)
-        if len(buf) >= self.config.batch_size:
-            await self.flush(buf)
-        else:
+
+    def queue(self, out: Outgoing) -> list[bytes]:
+        """Queue ``out`` now, without waiting (after `room`); its lane's buffer, for `backpressure`.
+
+        For a caller that must know whether a message was queued when it is
+        cancelled (a replay): queued is from here, not from the end of `enqueue`.
+        """
+        return self._append(out)
+
+    async def backpressure(self, buf: list[bytes]) -> None:
+        """Backpressure after queueing: a full batch is written before the caller goes on.
+
+        A cancel while it waits leaves what is queued to a scheduled flush.
+        """
+        if len(buf) < self.config.batch_size:
             self._schedule_flush()
+            return
+        try:
+            await self.flush(buf)
+        except BaseException:
+            self._schedule_flush()
+            raise
 
     async def enqueue_many(self, outs: list[Outgoing]) -> None:
         """Queue many messages; only full batches are written on the way (fewer, fuller frames)."""

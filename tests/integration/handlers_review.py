@@ -37,6 +37,17 @@ def slow(msg: Message) -> None:
     time.sleep(0.05)
 
 
+def slow_or_reject(msg: Message) -> None:
+    """Rejects recipients named "dead-..." (dead letters at once); 300 ms for the others."""
+    import time
+
+    from engine import Reject
+
+    if msg.recipient.startswith("dead-"):
+        raise Reject("rejected on purpose")
+    time.sleep(0.3)
+
+
 def slow_or_echo(msg: Message) -> Any:
     """Sleeps 50 ms for the payload "slow"; answers anything else at once."""
     import time

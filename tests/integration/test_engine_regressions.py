@@ -41,6 +41,35 @@ def test_cancelled_submit_on_a_full_ring_loses_nothing() -> None:
     assert s["delivered"] == s["submitted"] == acked + 1
 
 
+def test_a_replay_cancelled_while_its_write_waits_keeps_no_letter_it_queued() -> None:
+    """A replay is cancelled while a full ring holds up the write of a letter it queued:
+    that message is delivered, so its letter must not stay stored as well (it used to be
+    put back, and a second replay delivered it twice)."""
+    cfg = _config(ring_bytes=65536, batch_size=4, batch_linger_s=2.0, delivery_concurrency=1)
+    dead = [f"dead-{i}" for i in range(8)]
+
+    async def go() -> tuple[list[str], dict[str, Any]]:
+        async with Engine(f"{H}:slow_or_reject", cfg) as eng:
+            for r in dead:
+                await eng.submit(r, b"x")
+            assert await eng.drain(60)
+            assert sorted(dl.message.recipient for dl in eng.dead_letters()) == dead
+            while True:
+                try:
+                    eng.submit_nowait("a", b"x" * 16_000)
+                except QueueFull:
+                    break
+            with pytest.raises(TimeoutError):  # the write of a replayed letter's batch waits
+                await asyncio.wait_for(eng.replay_dead_letters(), 0.2)
+            assert await eng.drain(60)
+            return [dl.message.recipient for dl in eng.dead_letters()], eng.stats()
+
+    letters, s = asyncio.run(go())
+    assert sorted(letters) == dead  # each once: replayed and rejected again, or never replayed
+    assert s["in_flight"] == 0
+    assert s["submitted"] == s["delivered"] + s["dead_lettered"] + s["expired"]
+
+
 def test_replies_larger_than_the_return_ring_fail_cleanly_and_the_shard_lives() -> None:
     cfg = _config(return_ring_bytes=65536)
 
