@@ -181,6 +181,7 @@ class LogLimiter:
         self.max_keys = max_keys
         self._last: dict[object, float] = {}
         self._held: dict[object, int] = {}
+        self._evicted_held = 0  # held back for keys forgotten since: told by take_held
         self.suppressed_total = 0
 
     def allow(self, key: object, now: float | None = None) -> int | None:
@@ -199,19 +200,21 @@ class LogLimiter:
     def take_held(self) -> int:
         """Lines held back and not yet told with a later line (all keys); forgets them,
         for the caller tells them now (at a stop, say)."""
-        total = sum(self._held.values())
+        total = sum(self._held.values()) + self._evicted_held
         self._held.clear()
+        self._evicted_held = 0
         return total
 
     def _evict(self, now: float) -> None:
         """Forget keys quiet for a whole interval; if none is, the oldest (bounded memory)."""
         for k in [k for k, t in self._last.items() if now - t >= self.interval_s]:
-            del self._last[k]
-            self._held.pop(k, None)
+            self._forget(k)
         if len(self._last) >= self.max_keys:
-            oldest = min(self._last, key=self._last.__getitem__)
-            del self._last[oldest]
-            self._held.pop(oldest, None)
+            self._forget(min(self._last, key=self._last.__getitem__))
+
+    def _forget(self, key: object) -> None:
+        del self._last[key]
+        self._evicted_held += self._held.pop(key, 0)
 
 
 def suppressed_note(count: int) -> str:

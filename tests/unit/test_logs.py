@@ -49,6 +49,28 @@ def test_every_event_is_either_written_or_counted_in_a_later_line(
     assert told + held == lim.suppressed_total
 
 
+@given(
+    st.lists(st.tuples(st.integers(0, 30), st.floats(0, 0.5)), max_size=300),
+    st.integers(1, 6),
+)
+def test_a_forgotten_keys_held_lines_are_still_told(
+    events: list[tuple[int, float]], max_keys: int
+) -> None:
+    """Memory is bounded by forgetting keys; what they held back goes to take_held."""
+    lim = LogLimiter(interval_s=1.0, max_keys=max_keys)
+    now = 0.0
+    written = told = 0
+    for key, step in events:
+        now += step
+        got = lim.allow(key, now=now)
+        if got is not None:
+            written += 1
+            told += got
+        assert len(lim._last) <= max_keys
+    assert written + told + lim.take_held() == len(events)
+    assert lim.take_held() == 0
+
+
 def test_take_held_tells_what_is_held_once() -> None:
     lim = LogLimiter(interval_s=10.0)
     assert lim.allow("a", now=0.0) == 0
