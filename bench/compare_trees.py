@@ -10,6 +10,7 @@ round's figures instead::
     git worktree add /tmp/ringway-old <commit>
     python3 -m bench.compare_trees /tmp/ringway-old --rounds 5
     python3 -m bench.compare_trees /tmp/ringway-old --cases noop async_1ms --messages 400000
+    python3 -m bench.compare_trees /tmp/ringway-old --cases noop --broker redis://127.0.0.1:6379/0
 
 Every subprocess reports the ``engine`` file it measured; a run whose file is not
 under the tree it was given fails the comparison.
@@ -33,10 +34,12 @@ ROLES = ("total", "dispatcher", "workers", "monitor")
 DEFAULT_MESSAGES = {"noop": 400_000, "async_1ms": 150_000, "cpu_50us": 30_000}
 
 
-def run_once(tree: str, case: str, messages: int, workers: int) -> dict[str, Any]:
+def run_once(tree: str, case: str, messages: int, workers: int, broker: str = "") -> dict[str, Any]:
     """One cpu_per_message run of ``tree`` in its own process; its JSON figures."""
     cmd = [sys.executable, SCRIPT, "--case", case, "--messages", str(messages)]
     cmd += ["--workers", str(workers), "--tree", tree]
+    if broker:
+        cmd += ["--broker", broker]
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH" and not k.startswith("ENGINE_")}
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, check=False)
     if proc.returncode != 0:
@@ -48,7 +51,13 @@ def run_once(tree: str, case: str, messages: int, workers: int) -> dict[str, Any
 
 
 def compare(
-    old: str, new: str, cases: list[str], rounds: int, messages: int | None, workers: int
+    old: str,
+    new: str,
+    cases: list[str],
+    rounds: int,
+    messages: int | None,
+    workers: int,
+    broker: str = "",
 ) -> dict[str, dict[str, list[dict[str, Any]]]]:
     """Every round's figures: {case: {"old": [...], "new": [...]}}."""
     runs: dict[str, dict[str, list[dict[str, Any]]]] = {c: {"old": [], "new": []} for c in cases}
@@ -57,7 +66,7 @@ def compare(
         for case in cases:
             n = messages or DEFAULT_MESSAGES[case]
             for side, tree in order:
-                runs[case][side].append(run_once(tree, case, n, workers))
+                runs[case][side].append(run_once(tree, case, n, workers, broker))
         print(f"round {r + 1}/{rounds} done", file=sys.stderr)
     return runs
 
@@ -103,6 +112,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--messages", type=int, default=None, help="per run (default per case)")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--json", action="store_true", help="print every round's figures")
+    parser.add_argument(
+        "--broker", default="", help="Redis URL: both trees run as one cluster node on it"
+    )
     args = parser.parse_args(argv)
     if args.rounds < 1:
         parser.error("--rounds must be at least 1")
@@ -112,12 +124,13 @@ def main(argv: list[str] | None = None) -> int:
     for tree in (old, new):
         if not os.path.isfile(os.path.join(tree, "engine", "__init__.py")):
             parser.error(f"{tree} holds no engine package")
-    runs = compare(old, new, args.cases, args.rounds, args.messages, args.workers)
+    runs = compare(old, new, args.cases, args.rounds, args.messages, args.workers, args.broker)
     if args.json:
         json.dump(runs, sys.stdout, indent=1)
         sys.stdout.write("\n")
     else:
-        print(f"old: {old}\nnew: {new}\nrounds: {args.rounds}, medians\n")
+        mode = f"cluster node on {args.broker}" if args.broker else "embedded"
+        print(f"old: {old}\nnew: {new}\n{mode}; rounds: {args.rounds}, medians\n")
         print(table(runs))
     return 0
 

@@ -23,6 +23,13 @@ engine process imports that tree (``bench/compare_trees.py`` passes an old one):
     python3 -m bench.cpu_per_message --case noop --tree /tmp/ringway-old
 
 ``engine_file`` in the output names the tree that was measured.
+
+``--broker URL`` runs the engine as one cluster node on that Redis (16
+partitions, a namespace of its own, deleted after the run): msgs/s from the
+first submit until the node delivered every message, and the node's CPU (not
+Redis's)::
+
+    python3 -m bench.cpu_per_message --case noop --messages 200000 --broker redis://127.0.0.1:6379/0
 """
 
 from __future__ import annotations
@@ -46,6 +53,7 @@ RECIPIENTS = 10_000
 PAYLOAD_BYTES = 100
 CHUNK = 4_096
 DRAIN_TIMEOUT_S = 300.0
+PARTITIONS = 16  # with --broker
 HERE_TREE = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -69,24 +77,79 @@ def _worker_pids(eng: Any) -> list[int]:
         time.sleep(0.01)
 
 
-async def measure(case: str, messages: int, workers: int) -> dict[str, Any]:
+async def _settled(eng: Any, delivered: int) -> bool:
+    """Until ``delivered`` messages were delivered: drain(), or in cluster mode (where
+    drain() returns once Redis has them) the node's own delivered count."""
+    if eng.cluster is None:
+        return bool(await eng.drain(timeout=DRAIN_TIMEOUT_S))
+    import asyncio
+
+    deadline = time.monotonic() + DRAIN_TIMEOUT_S
+    while eng.stats()["delivered"] < delivered:
+        if time.monotonic() > deadline:
+            return False
+        await asyncio.sleep(0.005)
+    return True
+
+
+async def _owns_every_partition(eng: Any) -> None:
+    import asyncio
+
+    deadline = time.monotonic() + 60
+    while len(eng.stats()["cluster"]["leases"]["owned"]) < PARTITIONS:
+        if time.monotonic() > deadline:
+            raise SystemExit("the node did not take every partition within 60 s")
+        await asyncio.sleep(0.05)
+
+
+def _drop_namespace(url: str, namespace: str) -> None:
+    import redis
+
+    client = redis.Redis.from_url(url)
+    try:
+        keys = list(client.scan_iter(match=f"{namespace}:*", count=1000))
+        if keys:
+            client.delete(*keys)
+    finally:
+        client.close()
+
+
+async def measure(case: str, messages: int, workers: int, broker: str = "") -> dict[str, Any]:
     """One run on a fresh engine; the figures as a JSON-ready dict."""
-    import engine
-    from engine import Config, Engine
-    from ipc.codec import pack_payload
+    from engine import Config
 
     if case == "cpu_50us":
         from bench import handlers  # calibrates once here; the workers inherit the count
 
         _ = handlers.CPU_LOOPS
+    cluster: dict[str, Any] = {}
+    if broker:
+        ns = f"cpm-{os.getpid()}-{time.time_ns()}"
+        cluster = {"broker": broker, "namespace": ns, "node_id": ns, "partitions": PARTITIONS}
+    config = Config.from_env(
+        env={}, workers=workers, sink="python", stats_interval_s=0.1, **cluster
+    )
+    try:
+        return await _run(case, config, messages)
+    finally:
+        if broker:
+            _drop_namespace(broker, cluster["namespace"])
+
+
+async def _run(case: str, config: Any, messages: int) -> dict[str, Any]:
+    import engine
+    from engine import Engine
+    from ipc.codec import pack_payload
+
     payload = pack_payload(b"x" * PAYLOAD_BYTES)
     items = [(f"Agent-{i % RECIPIENTS}", payload) for i in range(messages)]
     chunks = [items[i : i + CHUNK] for i in range(0, messages, CHUNK)]
-    config = Config.from_env(env={}, workers=workers, sink="python", stats_interval_s=0.1)
     async with Engine(CASES[case], config) as eng:
+        if eng.cluster is not None:
+            await _owns_every_partition(eng)
         # A warm-up message per worker, so imports and first-call costs stay outside.
         await eng.submit_many([(f"Agent-{i}", payload) for i in range(64)])
-        await eng.drain(timeout=DRAIN_TIMEOUT_S)
+        await _settled(eng, 64)
         monitor = eng.monitor.pid
         pids = _worker_pids(eng)
         w0 = sum(_cpu_s(p) for p in pids)
@@ -96,7 +159,7 @@ async def measure(case: str, messages: int, workers: int) -> dict[str, Any]:
         t0 = time.perf_counter()
         for chunk in chunks:
             await eng.submit_many(chunk)
-        drained = await eng.drain(timeout=DRAIN_TIMEOUT_S)
+        drained = await _settled(eng, 64 + messages)
         seconds = time.perf_counter() - t0
         here = time.process_time() - here0
         busy = _machine_busy_s() - busy0
@@ -111,13 +174,14 @@ async def measure(case: str, messages: int, workers: int) -> dict[str, Any]:
     return {
         "case": case,
         "messages": messages,
-        "workers": workers,
+        "workers": config.workers,
         "seconds": seconds,
         "msgs_per_s": messages / seconds,
         "cpu_us_per_msg": {k: v / messages * 1e6 for k, v in per_msg.items()},
         "others_cores": max(0.0, busy - per_msg["total"]) / seconds,
         "load_avg_1m": os.getloadavg()[0],
         "engine_file": engine.__file__,
+        "cluster": eng.cluster is not None,
     }
 
 
@@ -127,6 +191,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--messages", type=int, default=400_000)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--tree", default=HERE_TREE, help="source tree to measure")
+    parser.add_argument("--broker", default="", help="Redis URL: run as one cluster node")
     args = parser.parse_args(argv)
     if args.messages < 1 or args.workers < 1:
         parser.error("--messages and --workers must be at least 1")
@@ -147,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in [m for m in sys.modules if m == "bench" or m.startswith("bench.")]:
         if name != __name__:
             del sys.modules[name]  # bench.handlers from the measured tree too
-    result = uvloop.run(measure(args.case, args.messages, args.workers))
+    result = uvloop.run(measure(args.case, args.messages, args.workers, args.broker))
     json.dump(result, sys.stdout)
     sys.stdout.write("\n")
     return 0

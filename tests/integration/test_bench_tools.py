@@ -71,3 +71,24 @@ def test_compare_trees_prints_both_sides_and_the_ratio() -> None:
     assert table.returncode == 0, table.stderr
     rows = [line for line in table.stdout.splitlines() if line.startswith("| noop |")]
     assert [r.split("|")[2].strip() for r in rows] == ["old", "new", "new/old"]
+
+
+def test_cpu_per_message_as_a_cluster_node_cleans_up_its_namespace(tmp_path: Path) -> None:
+    import redis
+
+    from tests.broker.redis_proc import running_redis
+
+    with running_redis(tmp_path / "redis") as server:
+        proc = run(
+            "-m", "bench.cpu_per_message", "--case", "noop", "--messages", "3000",
+            "--broker", server.url,
+        )  # fmt: skip
+        assert proc.returncode == 0, proc.stderr
+        out = json.loads(proc.stdout)
+        assert out["cluster"] is True and out["messages"] == 3000
+        assert out["cpu_us_per_msg"]["dispatcher"] > 0
+        client = redis.Redis.from_url(server.url)
+        try:
+            assert client.keys("cpm-*") == []  # the run's namespace is gone
+        finally:
+            client.close()
