@@ -73,6 +73,10 @@ class Parked:
         self.timer: asyncio.TimerHandle | None = None
 
 
+def _expired(h: Held, now: int) -> bool:
+    return bool(h.expires_ns) and h.expires_ns <= now
+
+
 def _by_id(h: Held) -> int:
     return h.id
 
@@ -211,7 +215,9 @@ class Deferrals:
             return
         now = monotonic_ns()
         entries = p.entries
-        while entries and entries[0].expires_ns and entries[0].expires_ns <= now:
+        # The last one stays even when expired: its release is what unparks the
+        # worker's side (`_release`), and the worker settles it as expired.
+        while len(entries) > 1 and _expired(entries[0], now):
             self._expire(p, entries.pop(0))
         if not p.holding:
             # Released earlier: only ``wait_settled`` still waits for the ring.
@@ -221,7 +227,7 @@ class Deferrals:
             else:
                 self.waiting.add(p.key)
             return
-        if entries and entries[0].due_ns > now:
+        if entries and entries[0].due_ns > now and not _expired(entries[0], now):
             self.waiting.discard(p.key)
             self._arm(p)
             return
@@ -235,12 +241,16 @@ class Deferrals:
         shard, (lane, _) = p.shard, p.key
         entries = p.entries
         n = 0
-        while n < len(entries) and entries[n].due_ns <= now:
+        while n < len(entries) and (entries[n].due_ns <= now or _expired(entries[n], now)):
             n += 1
         out = self.buffers[shard][lane]
         first = True
-        for h in entries[:n]:
-            if h.expires_ns and h.expires_ns <= now:
+        for i, h in enumerate(entries[:n]):
+            # An expired one is settled here, unless it is the last one held and nothing
+            # else carries the `released` flag: the worker's side of the recipient stays
+            # parked until a released message reaches it, so that one goes back and the
+            # worker settles it as expired (it never delivers an expired message).
+            if _expired(h, now) and not (first and i == len(entries) - 1):
                 self._expire(p, h)
                 continue
             self._freed(p, h)

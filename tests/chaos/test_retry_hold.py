@@ -267,6 +267,44 @@ def test_held_message_expires_in_the_dispatcher(record_dir: Path, report: dict[s
 
 
 @pytest.mark.timeout(60)
+def test_a_recipient_whose_only_held_message_expired_is_unparked(
+    record_dir: Path, report: dict[str, Any]
+) -> None:
+    """The held message expires with nothing behind it: its worker must unpark the
+    recipient too (the expired message goes back flagged released and the worker
+    settles it), or the next message would make a round trip through the dispatcher
+    (it used to, and the worker kept the parked entry until then)."""
+    cfg = chaos_config(ring_bytes=SMALL_RING, max_retry_hold_s=0.2)
+    plan = Plan()
+    facts: dict[str, Any] = {}
+
+    async def main() -> None:
+        async with Engine(f"{HANDLERS}:record", cfg) as eng:
+            await all_workers_up(eng)
+            doomed = plan.make("R", {"r": 30})
+            await eng.submit_many([doomed], ttl=0.5)
+            plan.accept(doomed)
+            await wait_stats(eng, lambda s: s["deferrals"] == 1, "the retry handed back")
+            await wait_stats(eng, lambda s: s["expired"] == 1, "the held message expired")
+            later = plan.make("R")
+            await eng.submit_many([later])
+            plan.accept(later)
+            s = await wait_stats(eng, lambda s: s["in_flight"] == 0, "everything settled")
+            facts["stats"] = conservation(s) | {"deferrals": s["deferrals"]}
+            facts["doomed"] = doomed[1][0]
+
+    asyncio.run(main())
+    deliveries = recorder.read_all(record_dir)
+    expected = {uid: v for uid, v in plan.accepted.items() if uid != facts["doomed"]}
+    chk = checker.check(expected, deliveries)
+    report.update(facts, checker=chk.to_dict())
+    assert (chk.lost, chk.duplicated, chk.out_of_order, chk.unexpected) == (0, 0, 0, 0), chk
+    assert facts["doomed"] not in _delivered_uids(record_dir)
+    assert facts["stats"]["expired"] == 1 and facts["stats"]["delivered"] == 1
+    assert facts["stats"]["deferrals"] == 1  # the later message went straight through
+
+
+@pytest.mark.timeout(60)
 def test_settled_submit_waits_for_the_held_retry(record_dir: Path, report: dict[str, Any]) -> None:
     """``submit(settled=True)`` (the service's settled ack) returns once the message is
     delivered, not when its worker handed it back."""
