@@ -476,8 +476,9 @@ class EngineAPI:
             raise EngineClosed("the engine was never started")
         return self.dispatcher.dead.items()
 
-    def positioned_dead_letters(self) -> list[tuple[int, DeadLetter]]:
-        """(position, letter), oldest first: positions only grow (page cursors use them)."""
+    def positioned_dead_letters(self) -> list[tuple[tuple[int, int], DeadLetter]]:
+        """((run, position), letter), oldest first: positions only grow within a run of
+        the engine (page cursors use them; see `DeadLetterStore.positioned`)."""
         if self.dispatcher is None:
             raise EngineClosed("the engine was never started")
         return self.dispatcher.dead.positioned()

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -175,6 +176,9 @@ class DeadLetterStore:
         # `_items`, and a position that stays meaningful after its letter is gone.
         self._stored: dict[int, int] = {}
         self._stored_count = 0
+        # Positions are numbered afresh by each process: a cursor of an earlier run
+        # names this number, and is refused rather than read against the new ones.
+        self.run = time.time_ns()
         self._encoder = msgspec.json.Encoder()
         self.dropped = 0
         self.drop_log = LogLimiter(drop_log_interval_s)
@@ -301,11 +305,12 @@ class DeadLetterStore:
     def items(self) -> list[DeadLetter]:
         return list(self._items.values())
 
-    def positioned(self) -> list[tuple[int, DeadLetter]]:
-        """(position, letter), oldest first; positions only grow, so a page cursor that
-        names one still says where to go on after its letter was evicted or replayed."""
-        stored = self._stored
-        return [(stored[key], dl) for key, dl in self._items.items()]
+    def positioned(self) -> list[tuple[tuple[int, int], DeadLetter]]:
+        """((run, position), letter), oldest first.  Positions only grow within a run, so
+        a page cursor that names one still says where to go on after its letter was
+        evicted or replayed; ``run`` (see __init__) tells a cursor of another run."""
+        stored, run = self._stored, self.run
+        return [((run, stored[key]), dl) for key, dl in self._items.items()]
 
     def get(self, message_id: int) -> DeadLetter | None:
         return self._items.get(message_id)

@@ -285,7 +285,10 @@ def decode_cursor(text: str) -> tuple[int, int] | None:
 
 
 def _page(
-    request: web.Request, items: Sequence[tuple[tuple[int, int], T]], newest_first: bool
+    request: web.Request,
+    items: Sequence[tuple[tuple[int, int], T]],
+    newest_first: bool,
+    per_run: bool = False,
 ) -> tuple[list[T], dict[str, str]]:
     """The page of ``items`` ((position, item), oldest first) that ``limit`` and
     ``cursor`` (or ``offset``) ask for, and the headers: X-Total-Count, and
@@ -295,6 +298,8 @@ def _page(
     positions only grow: the next page starts after it (before it, newest first)
     whether that letter is still stored or was evicted or replayed meanwhile, so a
     walk sees every letter that stays stored exactly once, new ones included.
+    With ``per_run`` a position is (run, number) and the numbers start again
+    with each run of the engine: a cursor of another run is answered 410.
     """
     limit = _query_int(request, "limit", DEAD_LETTER_DEFAULT_PAGE, 1, DEAD_LETTER_PAGE)
     offset = _query_int(request, "offset", 0, 0, 1 << 62)
@@ -308,6 +313,15 @@ def _page(
             _raise_bad_request(
                 "cursor is not a cursor this service gave (use X-Next-Cursor as it is)"
             )
+        if per_run and items and after[0] != items[0][0][0]:
+            body = _json.encode(
+                {
+                    "error": "cursor_gone",
+                    "reason": "the service restarted since this cursor was given (its "
+                    "letters are numbered afresh): list again from the start",
+                }
+            )
+            raise web.HTTPGone(body=body, content_type="application/json")
         start = next(
             (i for i, (p, _) in enumerate(ordered) if (p < after if newest_first else p > after)),
             len(ordered),
@@ -574,12 +588,12 @@ def make_app(service: Service) -> web.Application:
             resp.headers.update(headers)
             return resp
         letters = [
-            ((position, 0), dl)
+            (position, dl)
             for position, dl in service.engine.positioned_dead_letters()
             if (not reason or dl.reason == reason)
             and (not recipient or dl.message.recipient == recipient)
         ]
-        page, headers = _page(request, letters, newest_first)
+        page, headers = _page(request, letters, newest_first, per_run=True)
         resp = _reply(200, [view(dl) for dl in page])
         resp.headers.update(headers)
         return resp

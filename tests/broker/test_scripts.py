@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import pytest
 import redis
 import redis.asyncio
 
@@ -140,6 +141,25 @@ def test_a_read_under_an_expired_untaken_lease_goes_through(r: redis.Redis, name
     r.delete(k.leases[1])  # expired, and no other node acquired since: still a's epoch
     got = read(r, k, 1, "a/1", 1, "0")
     assert got[0] == 1 and [e[0] for e in got[1]] == ids
+
+
+def test_a_read_of_pending_entries_shows_a_deleted_one_and_no_group_is_nogroup(
+    r: redis.Redis, namespace: str
+) -> None:
+    k = Keys(namespace, 2)
+    ids = stream_with_pending(r, k, 0, 3)
+    acquire(r, k, 0, "a")
+    r.xdel(k.streams[0], ids[1])  # trimmed or deleted since it was delivered
+    got = read(r, k, 0, "a/1", 1, "0")
+    assert got[0] == 1
+    assert [(eid, fields is None) for eid, fields in got[1]] == [
+        (ids[0], False),
+        (ids[1], True),
+        (ids[2], False),
+    ]
+    r.xgroup_destroy(k.streams[0], GROUP)  # Redis lost it (a restart without data)
+    with pytest.raises(redis.ResponseError, match="NOGROUP"):
+        read(r, k, 0, "a/1", 1)
 
 
 def test_an_expired_untaken_lease_still_acks_with_its_epoch(r: redis.Redis, namespace: str) -> None:

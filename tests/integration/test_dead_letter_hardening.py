@@ -7,6 +7,8 @@ import asyncio
 import logging
 import os
 import signal
+import urllib.error
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -214,3 +216,35 @@ def test_a_corrupt_frame_header_is_skipped_after_the_poison_limit() -> None:
         f"corrupt frame header 0xdeadbeef0000 at position {pos} of lane 2: skipped "
     )
     assert letter.error.endswith("(its 1 messages decoded)")
+
+
+def test_a_page_cursor_of_an_earlier_run_is_refused_with_410(tmp_path: Path) -> None:
+    """Restored letters are numbered afresh by the new run: an old cursor cannot say
+    where to go on (read against the new numbers it would skip or repeat letters)."""
+    path = tmp_path / "dlq.jsonl"
+    env = {"ENGINE_HANDLER": f"{H}:reject", "ENGINE_WORKERS": "1", "ENGINE_DLQ_PATH": str(path)}
+    with running_service(tmp_path, **env) as svc:
+        for i in range(6):
+            assert _post(svc, "/v1/messages", {"recipient": "a", "payload": {"i": i}})[0] == 202
+        svc.wait_stats(lambda s: s["dead_lettered"] == 6 and s["in_flight"] == 0)
+        status, headers, page = _get_page(svc, "/v1/dead-letters?limit=2")
+        assert status == 200 and len(page) == 2
+        cursor = headers["X-Next-Cursor"]
+        status, _, rest = _get_page(svc, f"/v1/dead-letters?limit=2&cursor={cursor}")
+        assert status == 200 and len(rest) == 2  # in this run the cursor works
+        svc.stop()
+    with running_service(tmp_path, **env) as svc:
+        status, _, problem = _get_page(svc, f"/v1/dead-letters?limit=2&cursor={cursor}")
+        assert status == 410 and problem["error"] == "cursor_gone", problem
+        assert "restarted" in problem["reason"]
+        status, headers, again = _get_page(svc, "/v1/dead-letters?limit=2")
+        assert status == 200 and [dl["id"] for dl in again] == [dl["id"] for dl in page]
+
+
+def _get_page(svc: ServiceProc, path: str) -> tuple[int, dict[str, str], Any]:
+    """GET ``path``: (status, headers, decoded body), error answers included."""
+    try:
+        with urllib.request.urlopen(svc.http_url + path, timeout=30) as resp:
+            return resp.status, dict(resp.headers), msgspec.json.decode(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, dict(exc.headers), msgspec.json.decode(exc.read())

@@ -40,11 +40,12 @@ def test_positions_only_grow_and_follow_the_store_order(
         elif (dl := store.pop(mid)) is not None and mid % 2:
             store.put_back(mid, dl)  # a replay that could not queue it
         positioned = store.positioned()
-        positions = [p for p, _ in positioned]
+        assert {run for (run, _), _ in positioned} <= {store.run}
+        positions = [p for (_, p), _ in positioned]
         assert positions == sorted(set(positions))  # strictly growing, oldest first
         assert [dl for _, dl in positioned] == store.items()
         assert len(positioned) <= limit
-        for p, dl in positioned:
+        for (_, p), dl in positioned:
             assert seen.setdefault(p, dl.message.id) == dl.message.id  # never reused
 
 
@@ -52,8 +53,8 @@ def test_an_evicted_letters_position_is_not_given_again() -> None:
     store = DeadLetterStore(2)
     for mid in (1, 2, 3):
         store.add(letter(mid))
-    assert [(p, dl.message.id) for p, dl in store.positioned()] == [(2, 2), (3, 3)]
+    assert [(p, dl.message.id) for (_, p), dl in store.positioned()] == [(2, 2), (3, 3)]
     dl = store.pop(2)
     assert dl is not None
     store.put_back(2, dl)
-    assert [(p, dl.message.id) for p, dl in store.positioned()] == [(3, 3), (4, 2)]
+    assert [(p, dl.message.id) for (_, p), dl in store.positioned()] == [(3, 3), (4, 2)]
