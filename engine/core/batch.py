@@ -237,8 +237,16 @@ class BatchRun:
         else:
             task = asyncio.ensure_future(coro)
             self.own.append(task)
-        task.add_done_callback(lambda _: self.slots.release())
+        task.add_done_callback(self._landed)
         self.waits.append(asyncio.ensure_future(self._collect(i, task, time.perf_counter())))
+
+    def _landed(self, task: asyncio.Future[msgspec.Raw]) -> None:
+        """A request's slot is free again.  Its error is marked retrieved here: `_collect`
+        reports it, unless the batch was cancelled before `_collect` ever ran (its client
+        hung up) and nobody will; an unretrieved error would be logged as a crash."""
+        self.slots.release()
+        if not task.cancelled():
+            task.exception()
 
     async def _attempts(self, i: int, item: Prepared) -> msgspec.Raw:
         """Send the request; a timeout is retried with the engine's backoff."""
