@@ -314,6 +314,7 @@ def stats_view(stats: dict[str, Any], title: str = "") -> Any:
         ("delivered", "retried"),
         ("dead_lettered", "redelivered"),
         ("expired", "in_flight"),
+        ("deferred", "deferrals"),  # long retries held out of the ring now / in all
     ]
     for left, right in pairs:
         totals.add_row(left, f"{stats.get(left, 0):,}", right, f"{stats.get(right, 0):,}")

@@ -70,6 +70,9 @@ def test_stats_json_and_table(svc: ServiceProc) -> None:
     assert table.returncode == 0, table.stderr
     for word in ("submitted", "in_flight", "latency (ms)", "workers", "rss MiB", "service:"):
         assert word in table.stdout
+    held = next(line for line in table.stdout.splitlines() if "deferred" in line)
+    want = ["deferred", f"{stats['deferred']:,}", "deferrals", f"{stats['deferrals']:,}"]
+    assert held.split()[:4] == want, held  # nothing was deferred meanwhile in this module
 
 
 def test_stats_token_comes_from_the_environment_too(svc: ServiceProc) -> None:
