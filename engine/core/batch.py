@@ -48,7 +48,7 @@ log = logging.getLogger("engine.batch")
 _quiet = LogLimiter(10.0)  # a bug hit by every item of a large batch logs once per 10 s
 
 # Dead-letter reasons a failed reply starts with ("rejected: why"); they become the error code.
-_DEAD_LETTER_CODES = ("rejected", "max_attempts", "worker_crash", "malformed")
+_DEAD_LETTER_CODES = ("rejected", "max_attempts", "worker_crash", "malformed", "expired")
 
 
 class Prepared(NamedTuple):

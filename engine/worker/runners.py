@@ -17,7 +17,7 @@ import inspect
 import time
 from typing import Any
 
-from engine.worker.delivery import DELIVERED, EXPIRED, FrameTrack, Pending, RecipientLane
+from engine.worker.delivery import DELIVERED, FrameTrack, Pending, RecipientLane
 from engine.worker.settle import Settling
 from engine.worker.state import LATENCY_BUFFER
 from ipc.codec import Kind, Message
@@ -108,7 +108,7 @@ class Runners(Settling):
                 break
             expires = msg.expires_ns
             if expires and now >= expires:
-                self.settle(Pending(msg, track, i), EXPIRED, now)
+                self.expire(Pending(msg, track, i), now)
                 continue
             created = msg.created_ns
             if created:
@@ -170,7 +170,7 @@ class Runners(Settling):
         expires = msg.expires_ns
         if expires and now >= expires:
             self._careful_skip(p)
-            self.settle(p, EXPIRED, now)
+            self.expire(p, now)
             return _SETTLED
         quarantine = self.plan.quarantine
         if quarantine and (p.frame.lane, p.frame.end, p.index) in quarantine:

@@ -155,7 +155,7 @@ class Settling(Lanes, Committing):
             self._after(due_ns, self._expire_due, p)
             return
         self.timed -= 1
-        self.settle(p, EXPIRED, now)
+        self.expire(p, now)
 
     def _park(self, p: Pending) -> list[tuple[Pending, Deferred]] | None:
         """Start handing ``p``'s recipient back; returns its queued messages, to follow ``p``.
@@ -231,6 +231,15 @@ class Settling(Lanes, Committing):
         """Hand ``p`` back to the dispatcher and settle it in the ring (the ring moves on)."""
         self.out.append(rec)
         self.settle(p, DEFERRED, time.monotonic_ns())
+
+    def expire(self, p: Pending, now: int) -> None:
+        """Settle ``p`` as expired (its TTL ended first: never delivered); a request's
+        caller hears so at once instead of at its timeout."""
+        msg = p.msg
+        if msg.kind == Kind.REQUEST and msg.correlation_id:
+            error = "expired: its ttl ended before it could be delivered"
+            self.out.append(Reply(msg.correlation_id, False, NIL, error))
+        self.settle(p, EXPIRED, now)
 
     def dead_letter(self, p: Pending, reason: str, error: str, tb: str = "") -> None:
         msg = p.msg

@@ -97,6 +97,24 @@ def test_sync_handler_returning_an_awaitable_is_awaited_in_order() -> None:
     assert asyncio.run(go()) == [{"n": i} for i in range(20)]
 
 
+def test_a_request_whose_ttl_ends_before_delivery_fails_at_once_as_expired() -> None:
+    """Its recipient is busy past the request's TTL: the caller hears "expired" as soon
+    as the worker settles it (RequestFailed), not RequestTimeout at its own timeout."""
+
+    async def go() -> tuple[str, dict[str, Any]]:
+        async with Engine(f"{H}:slow_or_echo", _config()) as eng:
+            for _ in range(10):
+                await eng.submit("A", "slow")  # 0.5 s of work ahead of the request
+            with pytest.raises(RequestFailed) as info:
+                await eng.request("A", "late", timeout=30, ttl=0.1)
+            assert await eng.drain(30)
+            return str(info.value), eng.stats()
+
+    error, s = asyncio.run(go())
+    assert error.startswith("expired: "), error
+    assert s["expired"] == 1 and s["delivered"] == 10
+
+
 def test_handler_raising_cancelled_error_is_retried_not_a_stop() -> None:
     async def go() -> tuple[Any, dict[str, Any]]:
         async with Engine(f"{H}:cancelled_once", _config()) as eng:
